@@ -1,0 +1,105 @@
+"""How each crosscoder feature evolves over snapshots: strength, emergence, kind, rotation.
+
+All functions take the decoder `W_dec [S, F, D]` (or its norms `[S, F]`) of one crosscoder and work in numpy, so they
+run on exported weights without JAX or a mesh. Snapshot index s refers to the store's snapshot order (increasing
+training step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crossjax.errors import CrossjaxError
+
+# Feature kinds, as in the paper's analysis of Pythia (Wu et al. 2025, section "feature kinds").
+KIND_INITIALISATION = "initialisation"  # present at the first snapshot, weaker by the end
+KIND_EMERGENT = "emergent"  # absent at the first snapshot, forms later and stays
+KIND_TRANSIENT = "transient"  # forms later and fades before the end
+KIND_PERSISTENT = "persistent"  # strong from the first snapshot to the last
+KIND_DEAD = "dead"  # no decoder norm anywhere
+KINDS = (KIND_INITIALISATION, KIND_EMERGENT, KIND_TRANSIENT, KIND_PERSISTENT, KIND_DEAD)
+
+
+def decoder_norms(w_dec: np.ndarray) -> np.ndarray:
+    """[S, F, D] decoder -> [S, F] norms n[s, f] = ||W_dec[s, f, :]||."""
+    w_dec = np.asarray(w_dec, dtype=np.float32)
+    if w_dec.ndim != 3:
+        raise CrossjaxError(f"expected a decoder of shape [S, F, D], got {w_dec.shape}; pass params['W_dec']")
+    return np.linalg.norm(w_dec, axis=-1)
+
+
+def normalised_strength(norms: np.ndarray) -> np.ndarray:
+    """[S, F] norms -> [S, F] norms divided by each feature's maximum over snapshots (0 where the max is 0)."""
+    norms = np.asarray(norms, dtype=np.float32)
+    peak = norms.max(axis=0, keepdims=True)
+    return np.divide(norms, peak, out=np.zeros_like(norms), where=peak > 0)
+
+
+def emergence_snapshot(norms: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """[S, F] norms -> [F] first snapshot index where the normalised strength reaches `threshold` (-1 if dead).
+
+    A feature present from the first snapshot gets 0.
+    """
+    strength = normalised_strength(norms)
+    reached = strength >= threshold
+    first = np.argmax(reached, axis=0)
+    return np.where(reached.any(axis=0), first, -1)
+
+
+def classify_kinds(norms: np.ndarray, *, present: float = 0.5, absent: float = 0.2) -> np.ndarray:
+    """[S, F] norms -> [F] kind names (KINDS) from the normalised strength profile.
+
+    present/absent are fractions of the feature's own peak: at the first snapshot a strength >= present means the
+    feature exists at initialisation, <= absent means it does not; at the last snapshot the same bounds tell whether
+    it survived. Features between the bounds at the first snapshot count as emergent when they peak later.
+    """
+    strength = normalised_strength(norms)
+    first, last = strength[0], strength[-1]
+    peak_at = np.argmax(strength, axis=0)
+    alive = np.asarray(norms).max(axis=0) > 0
+    kinds = np.empty(strength.shape[1], dtype=object)
+    starts_present = first >= present
+    ends_present = last >= present
+    kinds[:] = KIND_EMERGENT
+    kinds[starts_present & ends_present] = KIND_PERSISTENT
+    kinds[starts_present & ~ends_present] = KIND_INITIALISATION
+    kinds[~starts_present & (last <= absent) & (peak_at > 0)] = KIND_TRANSIENT
+    kinds[~alive] = KIND_DEAD
+    return kinds.astype(str)
+
+
+def cosine_to_snapshot(w_dec: np.ndarray, reference: int = -1) -> np.ndarray:
+    """[S, F, D] -> [S, F] cosine similarity of each snapshot's decoder vector with snapshot `reference`'s."""
+    w_dec = np.asarray(w_dec, dtype=np.float32)
+    norms = np.linalg.norm(w_dec, axis=-1)
+    ref = w_dec[reference]
+    dots = np.einsum("sfd,fd->sf", w_dec, ref)
+    denom = norms * norms[reference][None, :]
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+def consecutive_cosine(w_dec: np.ndarray) -> np.ndarray:
+    """[S, F, D] -> [S-1, F] cosine between snapshot s and s+1 decoder vectors: a dip marks a sharp rotation."""
+    w_dec = np.asarray(w_dec, dtype=np.float32)
+    a, b = w_dec[:-1], w_dec[1:]
+    dots = np.einsum("sfd,sfd->sf", a, b)
+    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, threshold: float = 0.5) -> dict:
+    """Counts of kinds and a histogram of emergence snapshots, JSON-ready."""
+    norms = decoder_norms(w_dec)
+    num_snapshots = norms.shape[0]
+    names = list(snapshot_names) if snapshot_names is not None else [str(s) for s in range(num_snapshots)]
+    if len(names) != num_snapshots:
+        raise CrossjaxError(f"{len(names)} snapshot names for a decoder with {num_snapshots} snapshots")
+    kinds = classify_kinds(norms)
+    emergence = emergence_snapshot(norms, threshold)
+    emergent = kinds == KIND_EMERGENT
+    histogram = {names[s]: int(np.sum(emergence[emergent] == s)) for s in range(num_snapshots)}
+    return {
+        "kinds": {kind: int(np.sum(kinds == kind)) for kind in KINDS},
+        "emergent_features_by_snapshot": histogram,
+        "emergence_threshold": threshold,
+    }
