@@ -1,0 +1,483 @@
+"""Snapshots x contexts -> activation store, resumable, in bounded memory.
+
+    python -m crossjax.activations --config=experiments/tiny.py --workdir=runs/tiny
+
+Pipeline (``ensure_activations``), every check before anything is written, cheap checks first:
+
+1. Resolve every snapshot (``model.path_template`` with ``{snapshot}``, or ``model.repo`` at revision = snapshot
+   name); check the hook and the context length against the first one's config.json.
+2. Build the contexts once with the first snapshot's tokenizer (``crossjax.tokens``).
+3. Load each snapshot once, one at a time, to hash its weights; check they are one architecture with one tokenizer
+   and no duplicated weights (``models.load.check_snapshots_consistent``). This runs on every call, also when the
+   store is complete, because the hashes are part of the store's metadata.
+4. Derive the row layout (row = a valid (context, position) pair, the same for every snapshot); create the store,
+   or reopen it when its metadata is equal; write token ids, context ids and positions.
+5. For each snapshot (one model in memory at a time; the last one hashed goes first, it is still loaded): run the
+   jitted forward to the hook over the contexts of each group of blocks, place the valid positions into the
+   group's rows and write its blocks (in a background thread, while the next group is computed).
+
+With several local devices, the forward batch is split over them and large weight matrices are sharded over them
+(``load_snapshot(mesh=...)``); ``contexts_per_batch`` is rounded up to a multiple of the device count.
+
+Row layout with ``activations.shuffle``: contexts are put in one seeded random order and their valid positions are
+enumerated in that order; consecutive ``shuffle_group_rows`` rows (rounded up to whole blocks) form a group, and the
+rows of each group are permuted by a seeded permutation of their own. So each block mixes the rows of every context
+of its group (about ``shuffle_group_rows / context_len`` contexts), every context is run once per snapshot (a context
+cut by a group boundary is run by both groups), and a group is computed in memory and written as contiguous blocks.
+The layout depends only on the contexts and the seed, so it is the same for every snapshot and every process.
+Without shuffling the rows are the valid positions in (context, position) order.
+
+Memory bound while writing: two group buffers ``group_rows x d_model`` in the store dtype (one being written, one
+being filled), one forward batch ``contexts_per_batch x context_len x d_model``, one model, and the contexts
+themselves (5 bytes per context position: int32 ids and a bool mask); never the whole ``[N, S, D]``.
+
+Resuming: a (group, snapshot) unit whose blocks all carry done markers is skipped; a partly written group is
+recomputed with the same batches (same bytes) and only its missing blocks are written. With several processes
+(``jax.process_count() > 1``), process p writes the groups g with g % process_count == p (tokens included), so no
+context is run by two processes; with groups of one block this is block % process_count == p.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from crossjax import store as store_lib
+from crossjax import tokens as tokens_lib
+from crossjax.errors import CrossjaxError
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``activations`` config section."""
+    return ml_collections.ConfigDict(
+        dict(
+            contexts_per_batch=8,  # contexts per forward call (fixed shape: one compilation)
+            shuffle=True,  # one seeded row permutation shared by all snapshots, applied at write time
+            seed=0,  # seeds the context order and the within-group row permutations
+            shuffle_group_rows=262_144,  # rows shuffled together and held in memory at once (whole blocks)
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row layout
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Where each valid (context, position) pair lives in the store.
+
+    contexts: the Contexts; order: [C] the order in which contexts are enumerated; cum: [C+1] valid-row offsets
+    along ``order``; group_rows: rows per group (a multiple of block_rows); shuffle and seed fix the permutations.
+    """
+
+    contexts: tokens_lib.Contexts
+    order: np.ndarray
+    cum: np.ndarray
+    block_rows: int
+    group_rows: int
+    shuffle: bool
+    seed: int
+
+    @classmethod
+    def build(cls, contexts: tokens_lib.Contexts, *, block_rows: int, group_rows: int, shuffle: bool,
+              seed: int) -> "RowLayout":
+        if block_rows <= 0:
+            raise CrossjaxError(f"store.block_rows={block_rows} must be positive.")
+        if group_rows <= 0:
+            raise CrossjaxError(f"activations.shuffle_group_rows={group_rows} must be positive.")
+        C = contexts.num_contexts
+        order = (np.random.default_rng((seed, 1)).permutation(C) if shuffle else np.arange(C)).astype(np.int64)
+        counts = contexts.valid.sum(axis=1)[order]
+        cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        group_rows = math.ceil(group_rows / block_rows) * block_rows
+        return cls(contexts, order, cum, int(block_rows), int(group_rows), bool(shuffle), int(seed))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.cum[-1])
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_rows / self.block_rows)
+
+    @property
+    def blocks_per_group(self) -> int:
+        return self.group_rows // self.block_rows
+
+    @property
+    def num_groups(self) -> int:
+        return math.ceil(self.num_rows / self.group_rows)
+
+    def group_range(self, g: int) -> tuple[int, int]:
+        return g * self.group_rows, min((g + 1) * self.group_rows, self.num_rows)
+
+    def group_blocks(self, g: int) -> range:
+        return range(g * self.blocks_per_group, min((g + 1) * self.blocks_per_group, self.num_blocks))
+
+    def group_contexts(self, g: int) -> np.ndarray:
+        """Context indices [c] holding the rows of group g, in enumeration order."""
+        start, stop = self.group_range(g)
+        a = int(np.searchsorted(self.cum, start, side="right")) - 1
+        b = int(np.searchsorted(self.cum, stop, side="left"))
+        return self.order[a:b]
+
+    def group_rows_of(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of group g in stored order: (local context index into group_contexts(g), context, position), [n]."""
+        start, stop = self.group_range(g)
+        ctxs = self.group_contexts(g)
+        a = int(np.searchsorted(self.cum, start, side="right")) - 1
+        local, pos = [], []
+        for i, c in enumerate(ctxs):
+            p = np.flatnonzero(self.contexts.valid[c])
+            local.append(np.full(len(p), i, np.int64))
+            pos.append(p)
+        local_all, pos_all = np.concatenate(local), np.concatenate(pos)
+        skip = start - int(self.cum[a])  # rows of the first context that belong to the previous group
+        local_all, pos_all = local_all[skip:skip + stop - start], pos_all[skip:skip + stop - start]
+        if self.shuffle:
+            perm = np.random.default_rng((self.seed, 2, g)).permutation(stop - start)
+            local_all, pos_all = local_all[perm], pos_all[perm]
+        return local_all, ctxs[local_all], pos_all
+
+    def fingerprint(self) -> dict:
+        return dict(shuffle=self.shuffle, seed=self.seed, group_rows=self.group_rows,
+                    contexts_sha256=self.contexts.fingerprint(), num_contexts=self.contexts.num_contexts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Snapshots
+
+
+@dataclasses.dataclass
+class _SnapshotPlan:
+    names: list[str]
+    specs: list[tuple[str, str | None]]  # (spec, revision) for load_snapshot
+    infos: list  # LoadedSnapshot per snapshot, model dropped (hash, config, paths)
+    kept: object | None  # the last loaded snapshot, model still in memory
+    neox: object  # NeoXConfig shared by all snapshots
+
+
+def _snapshot_specs(model_cfg) -> tuple[list[str], list[tuple[str, str | None]]]:
+    names = [str(s) for s in model_cfg.snapshots]
+    if not names:
+        raise CrossjaxError("model.snapshots is empty; list the snapshot names, e.g. ['step0', 'step1000'].")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CrossjaxError(f"model.snapshots repeats {dup}; list each snapshot once.")
+    if model_cfg.path_template:
+        if "{snapshot}" not in model_cfg.path_template:
+            raise CrossjaxError(f"model.path_template={model_cfg.path_template!r} has no '{{snapshot}}' field; "
+                                f"write it like '/data/pythia-160m/{{snapshot}}'.")
+        return names, [(model_cfg.path_template, n) for n in names]  # load.py fills {snapshot}
+    if model_cfg.repo:
+        return names, [(model_cfg.repo, n) for n in names]
+    raise CrossjaxError("neither model.path_template nor model.repo is set; give local snapshot directories "
+                        "(path_template with '{snapshot}') or a Hub repo whose revisions are the snapshot names.")
+
+
+def _local_mesh():
+    """A 1-axis mesh over this process's devices (None with one device): the forward batch is split over it and
+    large weight matrices are sharded over it, so a model larger than one device's memory still loads."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _load(config, plan_or_specs, s: int, mesh):
+    from crossjax.models import load as load_lib
+
+    spec, rev = plan_or_specs[s]
+    return load_lib.load_snapshot(spec, rev, dtype=_model_dtype(config.model.dtype), mesh=mesh,
+                                  cache_dir=config.model.get("cache_dir") or None)
+
+
+def _resolve_snapshots(config):
+    """(names, specs, paths, NeoXConfig of the first): finds every snapshot and checks the hook and context
+    length against the first one's config.json, before any weights are read."""
+    from crossjax.models import gpt_neox
+    from crossjax.models import load as load_lib
+
+    names, specs = _snapshot_specs(config.model)
+    cache_dir = config.model.get("cache_dir") or None
+    paths = [load_lib.resolve_snapshot(spec, rev, cache_dir=cache_dir) for spec, rev in specs]
+    try:
+        neox = gpt_neox.NeoXConfig.from_hf_dict(json.loads((paths[0] / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise CrossjaxError(f"{paths[0] / 'config.json'} is not valid JSON ({e}); the snapshot is corrupt.") from e
+    gpt_neox.validate_hook(neox, config.model.hook)
+    gpt_neox.validate_context_len(neox, int(config.tokens.context_len))
+    return names, specs, paths, neox
+
+
+def _inspect_snapshots(config, names, specs, mesh) -> _SnapshotPlan:
+    """Loads each snapshot once (one at a time) to hash it; checks they belong together."""
+    from crossjax.models import load as load_lib
+
+    infos, kept = [], None
+    for s in range(len(specs)):
+        loaded = _load(config, specs, s, mesh)
+        infos.append(dataclasses.replace(loaded, model=None))
+        kept = loaded if s == len(specs) - 1 else None
+        del loaded
+    load_lib.check_snapshots_consistent(dict(zip(names, infos)),
+                                        allow_duplicates=bool(config.model.allow_duplicate_weights))
+    return _SnapshotPlan(names, specs, infos, kept, infos[0].config)
+
+
+def _model_dtype(name: str):
+    if name not in _DTYPES:
+        raise CrossjaxError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook", "out_dtype"))
+def _run_hook(graphdef, state, input_ids, *, hook: str, out_dtype):
+    # graphdef is static and equal for all snapshots of one architecture: compiled once, reused per snapshot
+    from flax import nnx
+
+    return nnx.merge(graphdef, state).run_hooks(input_ids, [hook])[hook].astype(out_dtype)
+
+
+def _hook_fn(model, hook: str, out_dtype, mesh):
+    """fn(input_ids [B, T] int32) -> hook activations [B, T, D] (host numpy, store dtype).
+
+    With a mesh the batch is split over its 'data' axis (B must be a multiple of its size)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    out_dtype = jnp.dtype(out_dtype)
+    if mesh is None:
+        place = jnp.asarray
+    else:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+        place = lambda ids: jax.device_put(ids, sharding)  # noqa: E731
+    return lambda ids: np.asarray(_run_hook(graphdef, state, place(ids), hook=hook, out_dtype=out_dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def ensure_activations(config, workdir: str | None, *, process_index: int | None = None,
+                       process_count: int | None = None, progress: bool = True) -> str:
+    """Writes whatever is missing of the activation store that ``config`` describes; returns the store url.
+
+    config: the full ConfigDict (sections model, tokens, activations, store). Relative ``store.path`` is under
+    ``workdir``. Each process writes only its own groups; with several processes all of them wait for each other
+    at the end.
+    """
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    acfg, tcfg, scfg = config.activations, config.tokens, config.store
+    if int(acfg.contexts_per_batch) <= 0:
+        raise CrossjaxError(f"activations.contexts_per_batch={acfg.contexts_per_batch} must be positive.")
+    if scfg.dtype not in store_lib.DTYPES:
+        raise CrossjaxError(f"store.dtype={scfg.dtype!r} is not one of {sorted(store_lib.DTYPES)}.")
+    url = store_lib.resolve_url(scfg.path, workdir)
+
+    # 1. every check before anything is written, cheap ones first
+    names, specs, paths, neox = _resolve_snapshots(config)
+    tokenizer = tokens_lib.load_tokenizer(paths[0])
+    contexts = tokens_lib.contexts_for(tcfg, tokenizer)
+    if int(contexts.input_ids.max()) >= neox.vocab_size:
+        raise CrossjaxError(f"the tokenizer in {paths[0]} produced id {int(contexts.input_ids.max())} but the "
+                            f"model's vocab_size is {neox.vocab_size}; the snapshot's tokenizer does not fit its model.")
+    mesh = _local_mesh()
+    plan = _inspect_snapshots(config, names, specs, mesh)  # hashes, architecture, tokenizer, duplicates
+
+    # 2. rows
+    layout = RowLayout.build(contexts, block_rows=int(scfg.block_rows), group_rows=int(acfg.shuffle_group_rows),
+                             shuffle=bool(acfg.shuffle), seed=int(acfg.seed))
+
+    # 3. the store
+    meta = store_lib.StoreMeta(
+        snapshots=tuple(plan.names), d_model=plan.neox.hidden_size, num_rows=layout.num_rows,
+        block_rows=layout.block_rows, dtype=scfg.dtype, model=config.model.repo or config.model.path_template,
+        hook=config.model.hook, context_len=int(tcfg.context_len),
+        snapshot_hashes=tuple(i.content_hash for i in plan.infos),
+        extra=dict(generator="crossjax.activations", tokenizer=tokenizer.describe(),
+                   tokens=dict(source=tcfg.source, path=tcfg.path, text_field=tcfg.text_field, split=tcfg.split,
+                               packing=bool(tcfg.packing), seed=int(tcfg.seed)),
+                   layout=layout.fingerprint()))
+    store = store_lib.ActivationStore.create(url, meta)
+    my_groups = [g for g in range(layout.num_groups) if g % pc == pi]
+    missing = set(store.missing_units())  # one listing of the done markers, not one read per unit
+    todo = {s: [g for g in my_groups if any((b, s) in missing for b in layout.group_blocks(g))]
+            for s in range(meta.num_snapshots)}
+    ndev = 1 if mesh is None else mesh.size
+    batch = _batch_size(int(acfg.contexts_per_batch), ndev)
+    _print_plan(meta, layout, contexts, batch, ndev, todo, pi, pc)
+
+    _write_tokens(store, layout, [g for g in my_groups if any((b, None) in missing for b in layout.group_blocks(g))],
+                  missing)
+    total = sum(np.diff(layout.group_range(g))[0] for gs in todo.values() for g in gs)
+    bar = _progress(int(total), meta, enabled=progress)
+    last = meta.num_snapshots - 1
+    if not todo[last]:
+        plan.kept = None
+    # the snapshot still in memory from the inspection goes first
+    for s in [last, *range(last)]:
+        if todo[s]:
+            _write_snapshot(store, layout, plan, s, todo[s], missing, config, mesh, bar)
+    bar.close()
+
+    if jax.process_count() > 1:  # the store is complete only once every process has written its groups
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("crossjax.activations.done")
+    return url
+
+
+def _write_tokens(store, layout: RowLayout, groups: Sequence[int], missing: set) -> None:
+    ids = layout.contexts.input_ids
+    for g in groups:
+        blocks = [b for b in layout.group_blocks(g) if (b, None) in missing]
+        if not blocks:
+            continue
+        _, ctx, pos = layout.group_rows_of(g)
+        g0 = layout.group_range(g)[0]
+        for b in blocks:
+            lo, hi = (r - g0 for r in store.block_range(b))
+            store.write_tokens(b, ids[ctx[lo:hi], pos[lo:hi]].astype(np.int32), ctx[lo:hi].astype(np.int32),
+                               pos[lo:hi].astype(np.int32))
+
+
+def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, groups: Sequence[int], missing: set,
+                    config, mesh, bar) -> None:
+    if plan.kept is not None and s == len(plan.names) - 1:
+        loaded, plan.kept = plan.kept, None
+    else:
+        plan.kept = None
+        loaded = _load(config, plan.specs, s, mesh)
+    if loaded.content_hash != plan.infos[s].content_hash:
+        raise CrossjaxError(f"snapshot {plan.names[s]} changed on disk while activations were generated "
+                            f"(hash {loaded.content_hash[:12]} != {plan.infos[s].content_hash[:12]}); run again.")
+    out_dtype = store_lib.DTYPES[store.meta.dtype]
+    forward = _hook_fn(loaded.model, config.model.hook, out_dtype, mesh)
+    B = _batch_size(int(config.activations.contexts_per_batch), 1 if mesh is None else mesh.size)
+    ids = layout.contexts.input_ids
+    filler = ids[:1, :]  # rows that pad the last batch to B; their outputs are discarded
+    bar.set_description(plan.names[s])
+    # Blocks of one group are written by a background thread while the next group is computed: at most two
+    # group buffers exist at once.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for g in groups:
+            local, _, pos = layout.group_rows_of(g)
+            ctxs = layout.group_contexts(g)
+            g0, g1 = layout.group_range(g)
+            buf = np.empty((g1 - g0, store.meta.d_model), out_dtype)
+            # rows sorted by local context index, so each batch fills a contiguous run of them
+            by_ctx = np.argsort(local, kind="stable")
+            sorted_local = local[by_ctx]
+            for k in range(0, len(ctxs), B):
+                batch = ids[ctxs[k:k + B]]
+                if len(batch) < B:
+                    batch = np.concatenate([batch, np.repeat(filler, B - len(batch), axis=0)])
+                acts = forward(batch)  # [B, T, D]
+                lo, hi = np.searchsorted(sorted_local, [k, k + B])
+                rows = by_ctx[lo:hi]
+                buf[rows] = acts[local[rows] - k, pos[rows]]
+            if pending is not None:
+                pending.result()
+            blocks = [b for b in layout.group_blocks(g) if (b, s) in missing]
+            pending = writer.submit(_write_blocks, store, s, blocks, buf, g0)
+            bar.update(g1 - g0)
+        if pending is not None:
+            pending.result()
+
+
+def _batch_size(contexts_per_batch: int, ndev: int) -> int:
+    """Contexts per forward call: a multiple of the device count, one fixed shape (one compilation)."""
+    return math.ceil(contexts_per_batch / ndev) * ndev
+
+
+def _write_blocks(store, s: int, blocks: Sequence[int], buf: np.ndarray, g0: int) -> None:
+    for b in blocks:
+        lo, hi = (r - g0 for r in store.block_range(b))
+        store.write_block(b, s, buf[lo:hi])
+
+
+def _progress(total: int, meta, *, enabled: bool):
+    """Rows written (summed over snapshots), with rows/s = tokens/s and the store's size when complete."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled or total == 0, dynamic_ncols=True,
+               file=sys.stderr)
+    bar.set_postfix_str(f"store when complete ~{_fmt_bytes(store_size_bytes(meta))}", refresh=False)
+    return bar
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def store_size_bytes(meta) -> int:
+    """Uncompressed size of a store's arrays: activations [N, S, D] plus three int32 token arrays [N]."""
+    itemsize = store_lib.DTYPES[meta.dtype].itemsize
+    return meta.num_rows * (meta.num_snapshots * meta.d_model * itemsize + 3 * 4)
+
+
+def _print_plan(meta, layout: RowLayout, contexts, batch: int, ndev: int, todo, pi: int, pc: int) -> None:
+    itemsize = store_lib.DTYPES[meta.dtype].itemsize
+    group = min(layout.group_rows, layout.num_rows)
+    units = sum(len(v) for v in todo.values())
+    all_units = len(todo) * len([g for g in range(layout.num_groups) if g % pc == pi])
+    lines = [
+        f"activations plan{f' (process {pi} of {pc})' if pc > 1 else ''}:",
+        f"  store      {meta.model} @ {meta.hook}: {meta.num_snapshots} snapshots x {meta.num_rows:,} rows x "
+        f"d_model {meta.d_model} ({meta.dtype}), {meta.num_blocks} blocks of {meta.block_rows}",
+        f"  contexts   {contexts.num_contexts:,} x {contexts.context_len} tokens, "
+        f"{contexts.num_valid:,} stored positions (BOS, padding and special tokens excluded)",
+        f"  layout     {'shuffled' if layout.shuffle else 'in order'}, {layout.num_groups} group(s) of up to "
+        f"{group:,} rows; group buffer {_fmt_bytes(group * meta.d_model * itemsize)}",
+        f"  forward    {batch} contexts per call over {ndev} device{'s' if ndev > 1 else ''}",
+        f"  size       about {_fmt_bytes(store_size_bytes(meta))} on disk before compression",
+        f"  to do      {units} of {all_units} (group, snapshot) units"
+        f"{'; nothing left' if units == 0 else ''}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _main() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/tiny.py:micro.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory; a relative store.path lives under it.")
+    distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv):
+        del argv
+        if distributed.value:
+            jax.distributed.initialize()
+        url = ensure_activations(config_flag.value, workdir_flag.value)
+        print(f"activation store ready: {url}", flush=True)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _main()
