@@ -1,0 +1,28 @@
+"""Analyses of a trained crosscoder.
+
+- evolution: decoder-norm strength, emergence, kinds and rotation per feature (numpy only);
+- lookup: FeatureIndex, per-feature statistics and top activating rows over an activation store;
+- spliced: the LM's loss with the hook's residual replaced by the crosscoder's reconstruction.
+
+``from crossjax.analysis import FeatureIndex, spliced_loss`` works; the modules load on first use, so importing
+``crossjax.analysis.evolution`` alone does not pull in JAX or the model code.
+"""
+
+import importlib
+
+_LAZY = {
+    "FeatureIndex": "crossjax.analysis.lookup",
+    "FeatureReport": "crossjax.analysis.lookup",
+    "Example": "crossjax.analysis.lookup",
+    "spliced_loss": "crossjax.analysis.spliced",
+}
+
+__all__ = ["evolution", "lookup", "spliced", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("evolution", "lookup", "spliced"):
+        return importlib.import_module(f"crossjax.analysis.{name}")
+    raise AttributeError(f"module 'crossjax.analysis' has no attribute {name!r}")

@@ -1,0 +1,468 @@
+"""Hugging Face GPT-NeoX snapshots (local directory or Hub repo@revision) <-> crossjax GPTNeoX.
+
+Loading reads one tensor at a time (safetensors, sharded safetensors, or pytorch_model.bin when torch is
+installed), hashes its stored bytes, converts it to the flax layout and places it straight onto its device
+sharding, so a model is never held twice in host memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from crossjax.errors import CrossjaxError
+from crossjax.models.gpt_neox import GPTNeoX, NeoXConfig, abstract_model, hf_param_names
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt")
+# Buffers older transformers versions saved beside the weights; they are recomputed, never loaded.
+_IGNORED = re.compile(r"(\.attention\.(bias|masked_bias)$)|(rotary_emb\.inv_freq$)")
+# transformers 5 names the unembedding lm_head in memory; checkpoints (and save_pretrained) use embed_out.
+_ALIASES = {"lm_head.weight": "embed_out.weight"}
+# A matrix smaller than this is replicated: splitting it saves little memory and costs communication.
+_MIN_SHARD_ELEMENTS = 1 << 16
+
+
+@dataclasses.dataclass
+class LoadedSnapshot:
+    """A loaded checkpoint. content_hash: sha256 over its tensors' stored bytes in canonical (sorted name) order."""
+
+    config: NeoXConfig
+    model: GPTNeoX
+    content_hash: str
+    path: Path
+    tokenizer_path: Path | None = None
+    name: str = ""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `model` config section."""
+    return ml_collections.ConfigDict({
+        "snapshots": [],                 # snapshot names: Hub revisions (stepN) or values for {snapshot}
+        "repo": "",                      # Hub repo, e.g. EleutherAI/pythia-160m; snapshot = revision
+        "path_template": "",             # local alternative: a directory path containing {snapshot}
+        "hook": "blocks.6.hook_resid_post",
+        "dtype": "float32",
+        "allow_duplicate_weights": False,
+        "cache_dir": "",                 # Hub cache ("" = huggingface_hub's default)
+    })
+
+
+# ------------------------------------------------------------------------------------------------- resolving
+def _weights_present(d: Path) -> bool:
+    return any((d / f).is_file() for f in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+
+
+def _check_local_dir(d: Path) -> Path:
+    if not d.is_dir():
+        raise CrossjaxError(f"snapshot path {str(d)!r} is not a directory; pass a directory holding config.json "
+                            "and model.safetensors.")
+    if not (d / "config.json").is_file():
+        raise CrossjaxError(f"snapshot directory {str(d)!r} has no config.json; pass the directory that "
+                            "save_pretrained / save_hf_snapshot wrote.")
+    if not _weights_present(d):
+        raise CrossjaxError(f"snapshot directory {str(d)!r} has no weights ({SAFE_SINGLE}, {SAFE_INDEX}, "
+                            f"{BIN_SINGLE} or {BIN_INDEX}); the checkpoint is incomplete.")
+    return d
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", spec) is not None and not spec.startswith(".")
+
+
+def _hub_download(repo: str, revision: str | None, cache_dir: str | None) -> Path:
+    try:
+        import huggingface_hub as hf
+        from huggingface_hub import errors as hf_errors
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise CrossjaxError("huggingface_hub is not installed; install it or pass a local directory.") from e
+    where = f"{repo}@{revision or 'main'}"
+    safe_patterns = ["config.json", "*.safetensors", SAFE_INDEX, *TOKENIZER_FILES]
+    bin_patterns = ["config.json", "pytorch_model*.bin", BIN_INDEX, *TOKENIZER_FILES]
+
+    def fetch(patterns, local_only):
+        return Path(hf.snapshot_download(repo, revision=revision, cache_dir=cache_dir or None,
+                                         allow_patterns=patterns, local_files_only=local_only))
+
+    try:
+        try:  # the cache first: no network needed for snapshots downloaded before
+            path = fetch(safe_patterns, True)
+            if not _weights_present(path):
+                path = fetch(bin_patterns, True)
+        except hf_errors.LocalEntryNotFoundError:
+            path = fetch(safe_patterns, False)
+            if not _weights_present(path):
+                path = fetch(bin_patterns, False)
+    except hf_errors.RevisionNotFoundError as e:
+        raise CrossjaxError(f"revision {revision!r} does not exist in Hub repo {repo!r}; check the snapshot name "
+                            "(Pythia revisions are step0, step1, ..., step143000).") from e
+    except hf_errors.RepositoryNotFoundError as e:
+        raise CrossjaxError(f"Hub repo {repo!r} was not found (or needs a token); check the name, e.g. "
+                            "EleutherAI/pythia-160m, or pass a local directory.") from e
+    except (hf_errors.LocalEntryNotFoundError, OSError) as e:
+        raise CrossjaxError(
+            f"cannot get {where}: the Hugging Face Hub is unreachable (offline or no network) and the snapshot is "
+            f"not in the cache{f' {cache_dir!r}' if cache_dir else ''} (and no local directory {repo!r} exists). "
+            f"Pass a local directory with config.json and model.safetensors instead. ({type(e).__name__}: {e})"
+        ) from e
+    if not (path / "config.json").is_file() or not _weights_present(path):
+        raise CrossjaxError(f"Hub snapshot {where} has no config.json or no weights; it is not a GPT-NeoX "
+                            "checkpoint crossjax can load.")
+    return path
+
+
+def resolve_snapshot(spec: str | os.PathLike, revision: str | None = None, *,
+                     cache_dir: str | os.PathLike | None = None) -> Path:
+    """A snapshot spec -> local directory with config.json and weights.
+
+    spec is a local directory (a `{snapshot}` placeholder in it is filled with `revision`) or a Hub repo name
+    (`owner/name`, downloaded at `revision` into the Hugging Face cache, which is read first).
+    """
+    spec = os.fspath(spec)
+    if "{snapshot}" in spec:
+        if revision is None:
+            raise CrossjaxError(f"path template {spec!r} needs a snapshot name: pass revision=<snapshot>.")
+        spec = spec.replace("{snapshot}", str(revision))
+        revision = None
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise CrossjaxError(f"snapshot directory {spec!r} does not exist; check model.path_template and the "
+                                "snapshot names.")
+    p = Path(spec).expanduser()
+    if p.exists():
+        if revision is not None:
+            raise CrossjaxError(f"{spec!r} is a local directory, which has no revisions (got revision "
+                                f"{revision!r}); put {{snapshot}} in the path instead, or pass revision=None.")
+        return _check_local_dir(p)
+    if _looks_like_repo_id(spec):
+        return _hub_download(spec, revision, os.fspath(cache_dir) if cache_dir else None)
+    raise CrossjaxError(f"snapshot directory {spec!r} does not exist (and it is not a Hub repo name "
+                        "'owner/name'); check the path.")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class _TensorReader:
+    """Tensor-by-tensor access to a checkpoint directory's weights (numpy arrays in their stored dtype)."""
+
+    def __init__(self, path: Path):
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        self._torch_sd: dict[str, Any] | None = None
+        if (path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file():
+            from safetensors import safe_open
+            if (path / SAFE_INDEX).is_file():
+                weight_map = json.loads((path / SAFE_INDEX).read_text())["weight_map"]
+            else:
+                weight_map = None
+            files = sorted(set(weight_map.values())) if weight_map else [SAFE_SINGLE]
+            for f in files:
+                if not (path / f).is_file():
+                    raise CrossjaxError(f"{path / SAFE_INDEX} names shard {f} but it is missing; the download is "
+                                        "incomplete: fetch the snapshot again.")
+                handle = safe_open(str(path / f), framework="numpy")
+                self._files[f] = handle
+                for k in handle.keys():
+                    self._where[k] = f
+        else:
+            self._load_torch(path)
+
+    def _load_torch(self, path: Path):
+        try:
+            import torch
+        except ImportError as e:
+            raise CrossjaxError(f"{path} holds only pytorch_model.bin weights, which need torch to read; install "
+                                "torch (CPU build is enough) or convert the checkpoint to safetensors.") from e
+        files = ([BIN_SINGLE] if (path / BIN_SINGLE).is_file()
+                 else sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values())))
+        self._torch_sd = {}
+        for f in files:
+            # mmap keeps only the tensor being converted resident.
+            sd = torch.load(str(path / f), map_location="cpu", weights_only=True, mmap=True)
+            self._torch_sd.update(sd)
+            self._where.update({k: f for k in sd})
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        if self._torch_sd is not None:
+            t = self._torch_sd[name]
+            import torch
+            if t.dtype == torch.bfloat16:
+                return t.view(torch.int16).numpy().view(jnp.bfloat16)
+            return t.numpy()
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def _canonical_names(reader: _TensorReader, cfg: NeoXConfig, path: Path) -> dict[str, str]:
+    """canonical HF name -> name in the file, after dropping recomputed buffers; checks the set of tensors."""
+    canon: dict[str, str] = {}
+    for n in reader.names():
+        c = _ALIASES.get(n, n)
+        if _IGNORED.search(c):
+            continue
+        if cfg.tie_word_embeddings and c == "embed_out.weight":
+            continue
+        canon[c] = n
+    expected = {hf for _, hf, _ in hf_param_names(cfg)}
+    missing, extra = sorted(expected - canon.keys()), sorted(canon.keys() - expected)
+    if missing or extra:
+        raise CrossjaxError(f"weights in {path} do not match its config.json (GPT-NeoX with {cfg.num_layers} layers): "
+                            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                            f"{extra[:5]}{'...' if len(extra) > 5 else ''}. The checkpoint is corrupt or not GPT-NeoX.")
+    return canon
+
+
+def _hash_tensor(h, name: str, arr: np.ndarray) -> None:
+    h.update(f"{name}|{arr.dtype.name}|{','.join(map(str, arr.shape))}|".encode())
+    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+
+
+# ------------------------------------------------------------------------------------------------- sharding
+def _default_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Split the largest dimension of a big matrix over all mesh axes together; replicate the rest."""
+    n = mesh.devices.size
+    if len(shape) < 2 or n == 1 or int(np.prod(shape)) < _MIN_SHARD_ELEMENTS:
+        return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            spec = [None] * len(shape)
+            spec[dim] = tuple(mesh.axis_names)
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def _spec_for(hf_name: str, shape, mesh: Mesh, rules) -> PartitionSpec:
+    """rules: [(regex over the HF tensor name, PartitionSpec or None)], first match wins; the rest use the default.
+    Specs refer to the flax layout (kernels are [in, out])."""
+    for pattern, spec in rules or ():
+        if re.search(pattern, hf_name):
+            spec = PartitionSpec() if spec is None else spec
+            if len(spec) > len(shape):
+                raise CrossjaxError(f"sharding rule {pattern!r} gives {spec} with more axes than {hf_name} "
+                                    f"{tuple(shape)}; fix the rule.")
+            for dim, axes in enumerate(spec):
+                if axes is None:
+                    continue
+                axes = (axes,) if isinstance(axes, str) else tuple(axes)
+                size = int(np.prod([mesh.shape[a] for a in axes]))
+                if shape[dim] % size:
+                    raise CrossjaxError(f"sharding rule {pattern!r} splits dim {dim} of {hf_name} {tuple(shape)} "
+                                        f"over {size} devices, which does not divide it; fix the rule.")
+            return spec
+    return _default_spec(tuple(shape), mesh)
+
+
+def _place(arr: np.ndarray, hf_name: str, mesh: Mesh | None, rules) -> jax.Array:
+    if mesh is None:
+        return jax.device_put(arr)
+    sharding = NamedSharding(mesh, _spec_for(hf_name, arr.shape, mesh, rules))
+    # Each device receives only its slice; in multi-process runs each process fills only its own devices.
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _read_config(path: Path) -> NeoXConfig:
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CrossjaxError(f"{path / 'config.json'} is not valid JSON ({e}); the snapshot is corrupt.") from e
+    return NeoXConfig.from_hf_dict(d)
+
+
+def _tokenizer_dir(path: Path) -> Path | None:
+    return path if any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
+
+
+def load_snapshot(spec: str | os.PathLike, revision: str | None = None, *, dtype=jnp.float32,
+                  mesh: Mesh | None = None, sharding_rules: Sequence[tuple[str, PartitionSpec | None]] | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> LoadedSnapshot:
+    """Loads a GPT-NeoX checkpoint into GPTNeoX with parameters (and matmul inputs) in `dtype`.
+
+    With `mesh`, each parameter is created directly with a NamedSharding: `sharding_rules` [(regex over HF name,
+    PartitionSpec over the flax layout)] first, else big matrices split on their largest dimension over all mesh
+    axes. Parameters are placed with Auto axis types (on the same devices and names) even if `mesh` is Explicit.
+    """
+    path = resolve_snapshot(spec, revision, cache_dir=cache_dir)
+    cfg = _read_config(path)
+    if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        # The model's ops carry no sharding annotations (XLA propagates them), which Explicit axes forbid:
+        # place the weights on the same devices and axis names with Auto axis types.
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    np_dtype = jnp.dtype(dtype)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
+    graphdef, abs_state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(abs_state))
+
+    reader = _TensorReader(path)
+    canon = _canonical_names(reader, cfg, path)
+    targets = {hf: (fpath, transpose) for fpath, hf, transpose in hf_param_names(cfg)}
+    h = hashlib.sha256()
+    for hf_name in sorted(canon):
+        stored = reader.get(canon[hf_name])
+        _hash_tensor(h, hf_name, stored)
+        fpath, transpose = targets[hf_name]
+        want = flat[fpath].get_value().shape
+        arr = stored.T if transpose else stored
+        if tuple(arr.shape) != tuple(want):
+            raise CrossjaxError(f"{hf_name} in {path} has shape {tuple(stored.shape)}, but config.json implies "
+                                f"{tuple(want[::-1]) if transpose else tuple(want)}; the weights and config disagree.")
+        arr = np.ascontiguousarray(arr, dtype=np_dtype)
+        flat[fpath] = flat[fpath].replace(_place(arr, hf_name, mesh, sharding_rules))
+        del stored, arr
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    name = str(spec) if revision is None else f"{spec}@{revision}"
+    return LoadedSnapshot(config=cfg, model=model, content_hash=h.hexdigest(), path=path,
+                          tokenizer_path=_tokenizer_dir(path), name=name)
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def _flat_params(model_or_params) -> dict[tuple, Any]:
+    if isinstance(model_or_params, nnx.Module):
+        state = nnx.state(model_or_params, nnx.Param)
+    elif isinstance(model_or_params, nnx.State):
+        state = model_or_params
+    elif isinstance(model_or_params, Mapping):
+        state = nnx.State(nnx.restore_int_paths(dict(model_or_params)))
+    else:
+        raise CrossjaxError(f"save_hf_snapshot takes a GPTNeoX, an nnx.State or a nested dict of its parameters, "
+                            f"not {type(model_or_params).__name__}.")
+    out = {}
+    for p, v in nnx.to_flat_state(state):
+        out[tuple(p)] = v.get_value() if isinstance(v, nnx.Variable) else v
+    return out
+
+
+def save_hf_snapshot(model_or_params, cfg: NeoXConfig, out_dir: str | os.PathLike, *,
+                     tokenizer_dir: str | os.PathLike | None = None, dtype=None) -> Path:
+    """Writes config.json + model.safetensors (HF GPT-NeoX names) that transformers' from_pretrained reads.
+
+    Everything is checked before anything is written; files are written under temporary names and renamed.
+    `dtype` (e.g. jnp.float16) casts on save; default keeps the parameters' dtype. Returns out_dir.
+    """
+    from safetensors.numpy import save_file
+
+    params = _flat_params(model_or_params)
+    tensors: dict[str, np.ndarray] = {}
+    for fpath, hf_name, transpose in hf_param_names(cfg):
+        if fpath not in params:
+            raise CrossjaxError(f"parameter {'.'.join(map(str, fpath))} (for {hf_name}) is missing; the parameters "
+                                "do not belong to a GPTNeoX built from this config.")
+        arr = np.asarray(jax.device_get(params[fpath]))
+        arr = arr.T if transpose else arr
+        if dtype is not None:
+            arr = arr.astype(jnp.dtype(dtype))
+        tensors[hf_name] = np.ascontiguousarray(arr)
+    expected = abstract_model(cfg)
+    exp_flat = {tuple(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(expected, nnx.Param))}
+    for fpath, hf_name, transpose in hf_param_names(cfg):
+        shape = exp_flat[fpath][::-1] if transpose else exp_flat[fpath]
+        if tensors[hf_name].shape != tuple(shape):
+            raise CrossjaxError(f"{hf_name} has shape {tensors[hf_name].shape} but the config implies {tuple(shape)};"
+                                " pass the config the model was built with.")
+    extra = sorted(set(params) - set(exp_flat))
+    if extra:
+        raise CrossjaxError(f"parameters {['.'.join(map(str, p)) for p in extra[:5]]} are not part of GPT-NeoX "
+                            "for this config; pass the matching config.")
+    tok_files = []
+    if tokenizer_dir is not None:
+        tok_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+        if not tok_files:
+            raise CrossjaxError(f"tokenizer_dir {str(tokenizer_dir)!r} holds none of {TOKENIZER_FILES}; pass the "
+                                "directory where the tokenizer was saved.")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stored_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
+        next(iter(tensors.values())).dtype, "bfloat16")
+    config = {**cfg.to_hf_dict(), "dtype": stored_dtype}
+
+    def atomic(name: str, write: Callable[[str], None]):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, out / name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    atomic(SAFE_SINGLE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    for f in tok_files:
+        atomic(f.name, lambda p, f=f: shutil.copyfile(f, p))
+    # config.json last: a directory with a config is a complete snapshot.
+    atomic("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def _tokenizer_fingerprint(tok: Path | None) -> str | None:
+    if tok is None:
+        return None
+    h = hashlib.sha256()
+    files = ["tokenizer.json"] if (tok / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
+    for f in files:
+        if (tok / f).is_file():
+            h.update(f.encode() + b"|" + (tok / f).read_bytes())
+    return h.hexdigest()
+
+
+def _named(loaded) -> list[tuple[str, LoadedSnapshot]]:
+    if isinstance(loaded, Mapping):
+        return [(str(k), v) for k, v in loaded.items()]
+    return [(s.name or str(s.path), s) for s in loaded]
+
+
+def check_snapshots_consistent(loaded: Sequence[LoadedSnapshot] | Mapping[str, LoadedSnapshot], *,
+                               allow_duplicates: bool = False) -> list[list[str]]:
+    """Checks that snapshots share architecture and tokenizer and that no two carry identical weights.
+
+    Identical content hashes under two names raise CrossjaxError naming both (some Pythia revision branches
+    serve another step's weights) unless allow_duplicates; returns the groups of names with identical weights.
+    """
+    items = _named(loaded)
+    if not items:
+        raise CrossjaxError("no snapshots given; list at least one in model.snapshots.")
+    ref_name, ref = items[0]
+    ref_arch = ref.config.architecture()
+    for name, s in items[1:]:
+        arch = s.config.architecture()
+        diff = {k: (ref_arch[k], arch[k]) for k in ref_arch if ref_arch[k] != arch[k]}
+        if diff:
+            raise CrossjaxError(f"snapshots {ref_name!r} and {name!r} have different architectures "
+                                f"({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); all snapshots "
+                                "must come from one training run.")
+    fps = [(name, _tokenizer_fingerprint(s.tokenizer_path)) for name, s in items]
+    known = [(n, fp) for n, fp in fps if fp is not None]
+    for name, fp in known[1:]:
+        if fp != known[0][1]:
+            raise CrossjaxError(f"snapshots {known[0][0]!r} and {name!r} ship different tokenizers; all snapshots "
+                                "must share one tokenizer.")
+    by_hash: dict[str, list[str]] = {}
+    for name, s in items:
+        by_hash.setdefault(s.content_hash, []).append(name)
+    dups = [(h, names) for h, names in by_hash.items() if len(names) > 1]
+    if dups and not allow_duplicates:
+        digest, (a, b) = dups[0][0], dups[0][1][:2]
+        raise CrossjaxError(f"snapshots {a!r} and {b!r} have identical weights (sha256 {digest[:12]}); "
+                            "the source likely serves the wrong checkpoint for one of them (a known issue with some "
+                            "Pythia revision branches). Drop one, or set model.allow_duplicate_weights=True.")
+    return [names for _, names in dups]

@@ -1,0 +1,202 @@
+"""Spliced-in loss on tiny transformers-made GPT-NeoX snapshots, checked against PyTorch forwards with hooks."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from crossjax import crosscoder  # noqa: E402
+from crossjax.analysis.spliced import spliced_loss  # noqa: E402
+from crossjax.errors import CrossjaxError  # noqa: E402
+from crossjax.models.load import load_snapshot  # noqa: E402
+
+VOCAB, D, LAYERS, T = 96, 32, 2, 12
+SCALES = np.array([0.5, 3.0], np.float32)  # unequal, so that a missing or swapped division shows
+LENGTHS = [12, 9, 12, 5, 7]  # real tokens per context; the rest is right padding
+
+
+def hf_model(seed, parallel):
+    torch.manual_seed(seed)
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
+                                     num_attention_heads=4, intermediate_size=64, rotary_pct=0.5,
+                                     max_position_embeddings=32, use_parallel_residual=parallel)
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    """Two 'snapshots' (different weights, same architecture), saved as Hugging Face directories."""
+    out = []
+    for seed in (0, 1):
+        model = hf_model(seed, parallel=True)
+        path = tmp_path_factory.mktemp(f"step{seed}")
+        model.save_pretrained(path)
+        out.append((model, path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def contexts():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, VOCAB, size=(len(LENGTHS), T)).astype(np.int32)
+    real = np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None]
+    ids[~real] = 0  # padding
+    ids[:, 0] = 0  # BOS
+    valid = real.copy()
+    valid[:, 0] = False  # BOS is not stored, so not spliced
+    valid[1, 4] = False  # a special token inside a context
+    return ids, valid, real
+
+
+def identity_crosscoder(shift=64.0):
+    """ReLU crosscoder with F = S*D whose reconstruction equals its input wherever x + shift > 0:
+    h[s*D + d] = x[s, d] + shift, xhat[s] = relu(h)[s-block] - shift."""
+    S, F = 2, 2 * D
+    w_enc = np.zeros((S, D, F), np.float32)
+    w_dec = np.zeros((S, F, D), np.float32)
+    for s in range(S):
+        w_enc[s, :, s * D:(s + 1) * D] = np.eye(D)
+        w_dec[s, s * D:(s + 1) * D, :] = np.eye(D)
+    params = {"W_enc": w_enc, "b_enc": np.full(F, shift, np.float32), "W_dec": w_dec,
+              "b_dec": np.full((S, D), -shift, np.float32), "log_threshold": np.zeros(F, np.float32)}
+    cfg = crosscoder.CrosscoderConfig(num_snapshots=S, d_model=D, num_features=F, activation="relu")
+    return params, SCALES, cfg
+
+
+def torch_loss(model, ids, real, replace=None, layer=0):
+    """Mean next-token loss over pairs inside `real`, optionally with layer `layer`'s output replaced by
+    replace(output) through a PyTorch forward hook."""
+    handle = None
+    if replace is not None:
+        handle = model.gpt_neox.layers[layer].register_forward_hook(lambda mod, args, out: replace(out))
+    try:
+        with torch.no_grad():
+            logits = model(torch.as_tensor(ids, dtype=torch.long),
+                           attention_mask=torch.as_tensor(real, dtype=torch.long)).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -logp.gather(-1, torch.as_tensor(ids[:, 1:], dtype=torch.long)[..., None])[..., 0].numpy()
+    pairs = real[:, 1:] & real[:, :-1]
+    return float(nll[pairs].mean())
+
+
+def hidden(model, ids, real, layer=0):
+    with torch.no_grad():
+        out = model(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(real, dtype=torch.long),
+                    output_hidden_states=True)
+    return out.hidden_states[layer + 1]
+
+
+def test_identity_crosscoder_gives_the_clean_loss_and_zero_ablation_matches_torch(snapshots, contexts):
+    ids, valid, real = contexts
+    dirs = [p for _, p in snapshots]
+    out = spliced_loss(dirs, identity_crosscoder(), "blocks.0.hook_resid_post", (ids, valid), batch_size=2,
+                       rows_per_batch=7)
+    assert list(out) == [p.name for p in dirs]
+    pairs = int((real[:, 1:] & real[:, :-1]).sum())
+    mask = torch.as_tensor(valid)
+    for (model, path), r in zip(snapshots, out.values()):
+        assert r["pairs"] == pairs
+        clean = torch_loss(model, ids, real)
+        zero = torch_loss(model, ids, real, lambda h: torch.where(mask[..., None], 0.0, h))
+        np.testing.assert_allclose(r["clean_loss"], clean, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(r["spliced_loss"], clean, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(r["zero_ablated_loss"], zero, atol=2e-5, rtol=0)
+        gap = abs(zero - clean)
+        assert gap > 1e-3  # the ablation matters, so loss_recovered is well defined
+        np.testing.assert_allclose(r["loss_recovered"], 1.0, atol=2e-5 / gap)
+        np.testing.assert_allclose(r["loss_recovered"], (r["zero_ablated_loss"] - r["spliced_loss"]) / (
+            r["zero_ablated_loss"] - r["clean_loss"]), rtol=1e-12)
+
+
+def test_swapped_reconstruction_splices_the_other_snapshot(snapshots, contexts):
+    """A reconstruction returning snapshot 1's residual for snapshot 0 (and back) must give the loss of model 0
+    run on model 1's residual at the valid positions: this pins the snapshot order and the per-snapshot scales."""
+    ids, valid, real = contexts
+    loaded = [load_snapshot(p) for _, p in snapshots]
+
+    def swap(x):  # x = resid * scales; return xhat with xhat / scales = the other snapshot's resid
+        return x[:, ::-1] * (SCALES / SCALES[::-1])[None, :, None]
+
+    out = spliced_loss({"a": loaded[0], "b": loaded[1]}, None, "blocks.0.hook_resid_post", (ids, valid),
+                       reconstruct=swap, scales=SCALES, batch_size=2)
+    mask = torch.as_tensor(valid)[..., None]
+    for (model, _), (other, _), name in ((snapshots[0], snapshots[1], "a"), (snapshots[1], snapshots[0], "b")):
+        theirs = hidden(other, ids, real)
+        want = torch_loss(model, ids, real, lambda h: torch.where(mask, theirs, h))
+        np.testing.assert_allclose(out[name]["spliced_loss"], want, atol=2e-5, rtol=0)
+    # a reconstruction of zeros is the zero ablation, exactly
+    zeros = spliced_loss(loaded, None, "blocks.0.hook_resid_post", (ids, valid), reconstruct=np.zeros_like,
+                         batch_size=2)
+    for r in zeros.values():
+        assert r["spliced_loss"] == r["zero_ablated_loss"] and r["loss_recovered"] == 0.0
+
+
+def test_resid_pre_hook_and_sequential_residual(tmp_path, contexts):
+    ids, valid, real = contexts
+    models = [hf_model(seed, parallel=False) for seed in (2, 3)]
+    dirs = []
+    for i, m in enumerate(models):
+        m.save_pretrained(tmp_path / f"s{i}")
+        dirs.append(tmp_path / f"s{i}")
+    out = spliced_loss(dirs, identity_crosscoder(), "blocks.1.hook_resid_pre", (ids, valid), batch_size=len(ids))
+    mask = torch.as_tensor(valid)[..., None]
+    for m, r in zip(models, out.values()):
+        clean = torch_loss(m, ids, real)
+        np.testing.assert_allclose(r["spliced_loss"], clean, atol=2e-5, rtol=0)
+        # resid_pre of block 1 is block 0's output
+        zero = torch_loss(m, ids, real, lambda h: torch.where(mask, 0.0, h), layer=0)
+        np.testing.assert_allclose(r["zero_ablated_loss"], zero, atol=2e-5, rtol=0)
+
+
+def test_export_directory_and_contexts_object(snapshots, contexts, tmp_path):
+    from crossjax.tokens import Contexts
+
+    ids, valid, real = contexts
+    params, scales, cfg = identity_crosscoder()
+    crosscoder.export_params(params, scales, cfg, str(tmp_path / "export"))
+    dirs = [p for _, p in snapshots]
+    a = spliced_loss(dirs, tmp_path / "export", "blocks.0.hook_resid_post",
+                     Contexts(input_ids=ids, valid=valid, doc_ids=np.arange(len(ids))), batch_size=2)
+    b = spliced_loss(dirs, (params, scales, cfg), "blocks.0.hook_resid_post", {"input_ids": ids, "valid": valid},
+                     attention_mask=real, batch_size=2)
+    assert a == b
+
+
+def test_errors(snapshots, contexts):
+    ids, valid, real = contexts
+    dirs = [p for _, p in snapshots]
+    cc = identity_crosscoder()
+    hook = "blocks.0.hook_resid_post"
+    with pytest.raises(CrossjaxError, match="covers 2 snapshots but 1 were given"):
+        spliced_loss(dirs[:1], cc, hook, (ids, valid))
+    with pytest.raises(CrossjaxError, match="not a residual hook"):
+        spliced_loss(dirs, cc, "blocks.0.hook_mlp_out", (ids, valid))
+    with pytest.raises(CrossjaxError, match="2 layers"):
+        spliced_loss(dirs, cc, "blocks.5.hook_resid_post", (ids, valid))
+    params, scales, cfg = cc
+    small = crosscoder.CrosscoderConfig(num_snapshots=2, d_model=16, num_features=4)
+    with pytest.raises(CrossjaxError, match="hidden size 32 but the crosscoder's d_model is 16"):
+        spliced_loss(dirs, (params, scales, small), hook, (ids, valid))
+    with pytest.raises(CrossjaxError, match="outside the attention mask"):
+        spliced_loss(dirs, cc, hook, (ids, valid), attention_mask=np.zeros_like(real))
+    with pytest.raises(CrossjaxError, match="no position is valid"):
+        spliced_loss(dirs, cc, hook, (ids, np.zeros_like(valid)))
+    with pytest.raises(CrossjaxError, match="vocab_size 96"):
+        spliced_loss(dirs, cc, hook, (ids + VOCAB, valid))
+    with pytest.raises(CrossjaxError, match="repeat"):
+        spliced_loss([dirs[0], dirs[0]], cc, hook, (ids, valid))
+    with pytest.raises(CrossjaxError, match="reconstruct function"):
+        spliced_loss(dirs, None, hook, (ids, valid))
+    with pytest.raises(CrossjaxError, match="reconstruction has shape"):
+        spliced_loss(dirs, None, hook, (ids, valid), reconstruct=lambda x: x[:, :1])
+    with pytest.raises(CrossjaxError, match="valid must be a bool array"):
+        spliced_loss(dirs, cc, hook, (ids, valid[:, :3]))
+    with pytest.raises(CrossjaxError, match="not found"):
+        spliced_loss(dirs, "/nonexistent/export", hook, (ids, valid))
