@@ -1,0 +1,53 @@
+"""The trainer on real model activations: tiny GPT-NeoX snapshots -> activation stage -> crosscoder, in one call."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _activations_fixtures as fx
+from _trainer_util import exported, summary
+from crossjax import store as store_lib
+from crossjax import trainer
+from crossjax.errors import CrossjaxError
+
+
+def _config(root: Path, store: Path, **overrides):
+    c = fx.make_config(root, store)
+    c.data.source = "snapshots"
+    c.data.d_model = 32
+    c.crosscoder.num_features = 64
+    c.crosscoder.init_norm = -1.0          # grid search on the first batch
+    t = c.train
+    t.batch_size, t.steps, t.lr, t.warmup_steps = 32, 10, 1e-3, 2   # 256 training rows: 8 steps an epoch
+    t.log_every, t.checkpoint_every, t.heldout_blocks, t.progress = 5, 5, 2, False
+    t.compute_dtype = "bfloat16"
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def test_snapshots_to_crosscoder_in_one_call(tmp_path):
+    root = fx.make_root(tmp_path / "snaps")
+    workdir = tmp_path / "run"
+    out = trainer.run(_config(root, tmp_path / "store"), str(workdir))
+
+    st = store_lib.ActivationStore.open(str(tmp_path / "store"))
+    assert st.is_complete() and st.meta.snapshots == ("step0", "step1", "step2") and st.meta.d_model == 32
+    np.testing.assert_allclose(out["scales"], st.scales)                 # estimated once, saved with the store
+    assert out["steps"] == 10 and out["tokens"] == 320 and out["snapshots"] == ["step0", "step1", "step2"]
+    assert out["eval"]["rows"] == 32                                      # 44 held-out rows: one batch of 32
+    assert len(out["eval"]["ev"]) == 3 and all(np.isfinite(out["eval"]["ev"]))
+    assert 0.1 <= out["init_norm"] <= 1.0 and "recovery" not in out
+    w = exported(workdir)
+    assert w["W_dec"].shape == (3, 64, 32) and np.all(np.isfinite(w["W_dec"]))
+    assert summary(workdir)["eval"] == out["eval"]
+
+    # another snapshot list in the same workdir is refused before anything runs
+    with pytest.raises(CrossjaxError, match=r"model.snapshots"):
+        trainer.run(_config(root, tmp_path / "store", **{"model.snapshots": ["step0", "step2"]}), str(workdir))
+    # the same list with the old store: the store's check names both lists
+    c = _config(root, tmp_path / "store", **{"model.snapshots": ["step0", "step2"]})
+    with pytest.raises(CrossjaxError, match=r"step0.*step2"):
+        trainer.run(c, str(tmp_path / "run2"))
+    assert store_lib.ActivationStore.open(str(tmp_path / "store")).is_complete()
