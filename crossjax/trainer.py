@@ -535,7 +535,8 @@ def _initial_state(config, cc_cfg, tx, shard, scales, make_train_loader):
         finally:
             loader.close()
         x = crosscoder.normalize(first.astype(jnp.float32), scales)
-        init_norm = float(crosscoder.grid_search_init_norm(jax.random.fold_in(key, 1), cc_cfg, x))
+        # the same key as init_params below: the norm is tuned for the very decoder draw the run starts from
+        init_norm = float(crosscoder.grid_search_init_norm(key, cc_cfg, x))
     return jax.jit(init_state_fn(cc_cfg, tx, init_norm), out_shardings=shard["state"])(key)
 
 
