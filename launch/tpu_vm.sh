@@ -8,8 +8,9 @@
 #   launch/tpu_vm.sh logs      NAME ZONE [WORKER]           # tail a worker's log
 #   launch/tpu_vm.sh down      NAME ZONE                    # delete the queued resource and its VMs
 #
-# WORKDIR should be a gs:// path (the activation store and checkpoints must outlive the VMs). Training resumes from
-# the latest checkpoint when the same command runs again, so `babysit` only has to start it again.
+# WORKDIR is a directory every worker sees and that outlives the VMs (a gcsfuse or Filestore mount); put the
+# activation store in a bucket with a flag such as --config.store.path=gs://BUCKET/store. Training resumes from the
+# latest checkpoint when the same command runs again, so `babysit` only has to start it again.
 set -euo pipefail
 
 usage() { sed -n '2,12p' "$0"; exit 2; }
@@ -74,7 +75,9 @@ case "$cmd" in
         gcloud compute tpus queued-resources delete "$name" --zone "$zone" --force --quiet || true
         "$0" up "$name" "$zone" "$accelerator" && "$0" setup "$name" "$zone" && "$0" run "$name" "$zone" "$@"
       elif ! on_all_workers "pgrep -f crossjax.train >/dev/null" >/dev/null 2>&1; then
-        if on_all_workers "grep -q 'Training finished' $remote_dir/train.log" >/dev/null 2>&1; then
+        # only process 0 prints the final summary line
+        if gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=0 \
+            --command "grep -q '^summary: ' $remote_dir/train.log" >/dev/null 2>&1; then
           echo "$(date +%T) training finished"; exit 0
         fi
         echo "$(date +%T) training not running on every worker: restarting (it resumes from the last checkpoint)"
