@@ -51,8 +51,28 @@ def main(argv):
             if "emergence_accuracy" in r:
                 print(f"emergence snapshot of the {r['num_emergent']} emergent features: exact "
                       f"{r['emergence_accuracy']:.2f}, within one {r['emergence_within_one']:.2f}")
+        _print_per_snapshot(summary)
         print(f"summary: {summary['workdir']}/summary.json  metrics: {summary['workdir']}/metrics.jsonl  "
               f"tensorboard: {summary['workdir']}/tb  weights: {summary['export']}")
+
+
+def _print_per_snapshot(summary: dict) -> None:
+    """Held-out EV and L0 per snapshot, and when the features form (the headline numbers of a run)."""
+    ev, l0 = summary["eval"].get("ev"), summary["eval"].get("l0")
+    if ev is None or l0 is None:
+        return
+    names = summary["snapshots"]
+    width = max(len(n) for n in names)
+    print(f"{'snapshot':<{width}}  held-out EV     L0")
+    for name, e, n in zip(names, ev, l0):
+        print(f"{name:<{width}}  {e:11.4f}  {n:5.1f}")
+    evolution = summary.get("evolution")
+    if evolution:
+        kinds = ", ".join(f"{k} {v}" for k, v in evolution["kinds"].items() if v)
+        print(f"features by kind: {kinds}")
+        emerged = ", ".join(f"{k}: {v}" for k, v in evolution["emergent_features_by_snapshot"].items() if v)
+        print(f"emergent features by the snapshot where their decoder norm first reaches "
+              f"{evolution['emergence_threshold']:g} of its peak: {emerged or 'none'}")
 
 
 def unknown_override(config, argv) -> str | None:

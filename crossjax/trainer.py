@@ -30,6 +30,7 @@ from ml_collections import ConfigDict
 from crossjax import checkpoint as ckpt_lib
 from crossjax import configs, crosscoder, metrics as metrics_lib, sharding
 from crossjax import store as store_lib
+from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
 
 # Keys that may change between a run and its resumption: they move work around, not the numbers trained.
@@ -588,6 +589,7 @@ def _finish(config, workdir, store, scales_np, cc_cfg, plan: Plan, state, final:
         snapshots=list(store.meta.snapshots), num_features=cc_cfg.num_features,
         init_norm=float(jax.device_get(state["init_norm"])), scales=scales_np.tolist(),
         eval=_jsonable(final), export=os.path.join(workdir, "export"))
+    summary["evolution"] = evolution.summarise(params["W_dec"], list(store.meta.snapshots))
     if config.data.source == "planted":
         from crossjax import planted
         summary["recovery"] = planted_recovery(params["W_dec"], planted.load_truth(store.url),
