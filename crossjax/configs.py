@@ -23,6 +23,8 @@ def data_config() -> ConfigDict:
         window_blocks=8,       # store blocks read and shuffled together by the loader
         streams=0,             # loader read streams; 0: one per process. Fix it (e.g. 8) to get the same batches,
                                # and to resume, on any number of hosts
+        snapshots="",          # comma-separated names of the store's snapshots to train on ("" = all); one name
+                               # trains an ordinary per-snapshot SAE on the same store (crossjax.compare)
     ))
 
 

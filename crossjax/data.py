@@ -452,6 +452,18 @@ def _process_indices(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) ->
     return out
 
 
+def _select_snapshots(meta, snapshots: Sequence[int] | None) -> np.ndarray:
+    """Validated indices of the snapshots to deliver (all, in store order, when None)."""
+    if snapshots is None:
+        return np.arange(meta.num_snapshots)
+    subset = np.asarray(list(snapshots), dtype=np.int64)
+    if subset.ndim != 1 or subset.size == 0 or len(set(subset.tolist())) != subset.size or \
+            subset.min() < 0 or subset.max() >= meta.num_snapshots:
+        raise CrossjaxError(f"snapshots={list(snapshots)} must be distinct indices in [0, {meta.num_snapshots}) of the "
+                            f"store's snapshots {list(meta.snapshots)}.")
+    return subset
+
+
 def make_loader(
     store: ActivationStore,
     *,
@@ -464,6 +476,7 @@ def make_loader(
     with_tokens: bool = False,
     streams: int | None = None,
     prefetch: int = 2,
+    snapshots: Sequence[int] | None = None,
 ) -> BatchLoader:
     """A :class:`BatchLoader` over ``store`` (see the module docstring for the order and the epoch end rule).
 
@@ -483,6 +496,8 @@ def make_loader(
       with_tokens: also yield ``token_ids``, ``context_ids``, ``positions`` ``[B]`` int32.
       streams: independent read streams the global batch is assembled from (default: the process count).
       prefetch: batches grain assembles ahead in a background thread (0: build each batch on demand).
+      snapshots: indices of the store's snapshots to deliver, in this order (e.g. ``[3]`` for a one-snapshot SAE);
+        all if None. S below is their count.
 
     Returns:
       BatchLoader yielding ``{"acts": [B, S, D]}`` in the storage dtype (+ token arrays ``[B]``).
@@ -505,7 +520,8 @@ def make_loader(
     if global_batch % streams:
         raise CrossjaxError(f"global_batch={global_batch} is not divisible by streams={streams}: every stream gives "
                             f"the same number of rows to a batch; use a multiple of {streams}.")
-    shape = (global_batch, meta.num_snapshots, meta.d_model)
+    subset = _select_snapshots(meta, snapshots)
+    shape = (global_batch, len(subset), meta.d_model)
     token_sharding = None if sharding is None else _check_sharding(sharding, shape, with_tokens)
 
     sel = _select_blocks(store, blocks)
@@ -522,13 +538,14 @@ def make_loader(
 
     if sharding is None:
         per = global_batch // procs
-        rows, snaps = np.arange(proc * per, (proc + 1) * per, dtype=np.int64), None
+        rows, snaps = np.arange(proc * per, (proc + 1) * per, dtype=np.int64), subset
     else:
         rows, snaps, dims = _process_indices(sharding, shape)
         if len(dims) != meta.d_model:
             raise CrossjaxError(f"sharding {sharding} splits d_model across processes: keep the last axis unsplit.")
-        if len(snaps) == meta.num_snapshots:
-            snaps = None
+        snaps = subset[snaps]
+    if np.array_equal(snaps, np.arange(meta.num_snapshots)):
+        snaps = None  # every snapshot in store order: no gather needed
         if token_sharding is not None and not np.array_equal(_process_indices(token_sharding, shape[:1])[0], rows):
             raise CrossjaxError(f"sharding {sharding}: token arrays would land on other processes than their rows.")
 

@@ -100,6 +100,18 @@ def check_store(config: ConfigDict, store: store_lib.ActivationStore) -> None:
                             f"has {meta.num_blocks} blocks; hold out fewer blocks or make a larger store")
 
 
+def selected_snapshots(config: ConfigDict, store: store_lib.ActivationStore) -> tuple[tuple[str, ...], list | None]:
+    """The snapshots to train on (data.snapshots, default all) as (names, store indices or None for all)."""
+    names = [n.strip() for n in str(config.data.snapshots).split(",") if n.strip()]
+    if not names:
+        return tuple(store.meta.snapshots), None
+    unknown = [n for n in names if n not in store.meta.snapshots]
+    if unknown or len(set(names)) != len(names):
+        raise CrossjaxError(f"data.snapshots={config.data.snapshots!r} must name distinct snapshots of the store "
+                            f"{list(store.meta.snapshots)}" + (f"; unknown: {unknown}" if unknown else ""))
+    return tuple(names), [store.meta.snapshots.index(n) for n in names]
+
+
 def ensure_scales(config: ConfigDict, store: store_lib.ActivationStore) -> np.ndarray:
     """Per-snapshot normalisation scales [S], estimated once from the first rows and saved with the store."""
     scales = store.scales
@@ -320,7 +332,8 @@ def make_eval_step(cc_cfg, config: ConfigDict, shardings: dict):
     return jax.jit(eval_fn, in_shardings=(shardings["params"], shardings["batch"], rep), out_shardings=rep)
 
 
-def evaluate(eval_step, params, store, scales, config: ConfigDict, plan: Plan, shardings: dict) -> dict:
+def evaluate(eval_step, params, store, scales, config: ConfigDict, plan: Plan, shardings: dict, *,
+             snapshots: list | None = None) -> dict:
     """Explained variance (PAPER.md), legacy EV, L0 per snapshot and dead fraction over the held-out blocks.
 
     Returns ev [S], ev_legacy [S], ev_mean, l0 [S], l0_mean, mse [S], dead_frac, rows.
@@ -330,9 +343,9 @@ def evaluate(eval_step, params, store, scales, config: ConfigDict, plan: Plan, s
     # one read stream: the held-out split may be a single block, and its batches do not depend on the host count
     loader = data.make_loader(store, global_batch=batch, seed=int(config.train.seed) + 1,
                               sharding=shardings["batch"], blocks=list(plan.heldout_blocks),
-                              window_blocks=int(config.data.window_blocks), num_epochs=1, streams=1)
-    meta = store.meta
-    ev = metrics_lib.EVAccumulator(meta.num_snapshots, meta.d_model)
+                              window_blocks=int(config.data.window_blocks), num_epochs=1, streams=1,
+                              snapshots=snapshots)
+    ev = metrics_lib.EVAccumulator(int(scales.shape[0]), store.meta.d_model)
     dead = metrics_lib.DeadTracker(int(params["b_enc"].shape[0]))
     limit = int(config.eval.max_batches) or None
     l0_sum, mse_sum = 0.0, 0.0
@@ -472,13 +485,16 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
     # 1. stages
     store = prepare_store(config, workdir)
     scales_np = ensure_scales(config, store)
+    names, subset = selected_snapshots(config, store)
+    if subset is not None:
+        scales_np = scales_np[subset]
     plan = make_plan(config, store)
     record_config(config, workdir)
     meta = store.meta
 
     # 3. state
     mesh = sharding.make_mesh(config.mesh)
-    cc_cfg, tx, abstract = abstract_train_state(config, num_snapshots=meta.num_snapshots, d_model=meta.d_model,
+    cc_cfg, tx, abstract = abstract_train_state(config, num_snapshots=len(names), d_model=meta.d_model,
                                                 total_steps=plan.total_steps)
     shard = dict(mesh=mesh, batch=sharding.batch_sharding(mesh),
                  params=sharding.param_shardings(mesh, abstract["params"]),
@@ -489,7 +505,7 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
     make_train_loader = lambda: data.make_loader(
         store, global_batch=plan.batch_size, seed=int(config.train.seed), sharding=shard["batch"],
         blocks=list(plan.train_blocks), window_blocks=int(config.data.window_blocks), num_epochs=None,
-        streams=int(config.data.streams) or None)
+        streams=int(config.data.streams) or None, snapshots=subset)
     batches = make_train_loader()
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
                                        async_save=bool(config.train.async_checkpointing))
@@ -506,8 +522,9 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
 
         # 6. the loop
         eval_step = make_eval_step(cc_cfg, config, shard)
-        evaluate_now = lambda st: evaluate(eval_step, st["params"], store, scales, config, plan, shard)
-        log = MetricsLog(workdir, start, plan.total_steps, meta.snapshots)
+        evaluate_now = lambda st: evaluate(eval_step, st["params"], store, scales, config, plan, shard,
+                                           snapshots=subset)
+        log = MetricsLog(workdir, start, plan.total_steps, names)
         end = plan.total_steps if stop_after is None else min(plan.total_steps, max(int(stop_after), start))
         state = _train_loop(state, make_train_step(cc_cfg, tx, config, plan, shard), batches, scales, config, plan,
                             start, end, checkpoints, log, evaluate_now)
@@ -519,7 +536,7 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
         final = evaluate_now(state)
         log.write(plan.total_steps, "eval", final)
         log.close()
-        return _finish(config, workdir, store, scales_np, cc_cfg, plan, state, final)
+        return _finish(config, workdir, store, names, subset, scales_np, cc_cfg, plan, state, final)
     finally:
         batches.close()
         checkpoints.close()
@@ -581,16 +598,16 @@ def _train_loop(state, train_step, batches, scales, config, plan: Plan, start: i
     return state
 
 
-def _finish(config, workdir, store, scales_np, cc_cfg, plan: Plan, state, final: dict) -> dict:
+def _finish(config, workdir, store, names, subset, scales_np, cc_cfg, plan: Plan, state, final: dict) -> dict:
     """Export the weights, measure planted recovery, write summary.json."""
     params = _process_local(state["params"])
     summary = dict(
         workdir=workdir, store=store.url, steps=plan.total_steps, tokens=plan.total_steps * plan.batch_size,
-        snapshots=list(store.meta.snapshots), num_features=cc_cfg.num_features,
+        snapshots=list(names), num_features=cc_cfg.num_features,
         init_norm=float(jax.device_get(state["init_norm"])), scales=scales_np.tolist(),
         eval=_jsonable(final), export=os.path.join(workdir, "export"))
-    summary["evolution"] = evolution.summarise(params["W_dec"], list(store.meta.snapshots))
-    if config.data.source == "planted":
+    summary["evolution"] = evolution.summarise(params["W_dec"], list(names))
+    if config.data.source == "planted" and subset is None:  # the planted truth spans every snapshot
         from crossjax import planted
         summary["recovery"] = planted_recovery(params["W_dec"], planted.load_truth(store.url),
                                                threshold=float(config.eval.recovery_threshold),
