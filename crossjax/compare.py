@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (as for crossjax.train)")
@@ -76,6 +76,8 @@ def table(result: dict) -> str:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO chatter out of the table's way
     from crossjax.errors import CrossjaxError
     try:
         result = compare(_CONFIG.value, _WORKDIR.value, _SNAPSHOTS.value)

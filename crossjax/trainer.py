@@ -141,6 +141,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
     a, b = flat(old), flat(new)
+    # a key added to crossjax after the run started reads, in the old run, as its default
+    defaults = flat(_config_json(configs.base_config()))
+    a.update({k: defaults[k] for k in b.keys() - a.keys() if k in defaults})
     keys = sorted(set(a) | set(b))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
             if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(RESUME_SAFE_KEYS)]
