@@ -40,6 +40,7 @@ def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
     """
     from crossjax import trainer
     from crossjax.errors import CrossjaxError
+    from crossjax.files import atomic_write_text
 
     workdir = os.path.abspath(workdir)
     cc = trainer.run(config, workdir)
@@ -60,8 +61,7 @@ def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
         result["sae"]["ev"].append(sae["eval"]["ev"][0])
         result["sae"]["l0"].append(sae["eval"]["l0"][0])
         result["sae_workdirs"].append(sae_dir)
-    with open(os.path.join(workdir, "compare.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(os.path.join(workdir, "compare.json"), json.dumps(result, indent=1) + "\n")
     return result
 
 

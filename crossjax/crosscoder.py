@@ -39,6 +39,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from crossjax.errors import CrossjaxError
+from crossjax.files import atomic_write
 
 ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")
@@ -434,16 +435,6 @@ def loss_fn(params: Params, x: jax.Array, cfg: CrosscoderConfig, *, sparsity_coe
 # ----------------------------------------------------------------------------------------------------------------
 # Export: model.safetensors + config.json
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def export_params(params: Params, scales, cfg: CrosscoderConfig, out_dir: str) -> str:
     """Write out_dir/model.safetensors (float32 params) and out_dir/config.json (the CrosscoderConfig and the
     per-snapshot normalisation scales [S]). Params must be addressable from this process (gather sharded params
@@ -460,13 +451,13 @@ def export_params(params: Params, scales, cfg: CrosscoderConfig, out_dir: str) -
         raise CrossjaxError("refusing to export non-finite crosscoder params; resume from an earlier checkpoint")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"format": EXPORT_FORMAT, "version": 1, "crosscoder": cfg.to_dict(), "scales": scales.tolist()}
-    _atomic_write(os.path.join(out_dir, EXPORT_WEIGHTS),
+    atomic_write(os.path.join(out_dir, EXPORT_WEIGHTS),
                   lambda p: save_file(tensors, p, metadata={"format": EXPORT_FORMAT}))
 
     def write_json(p):
         with open(p, "w") as fh:
             json.dump(meta, fh, indent=2)
-    _atomic_write(os.path.join(out_dir, EXPORT_CONFIG), write_json)
+    atomic_write(os.path.join(out_dir, EXPORT_CONFIG), write_json)
     return out_dir
 
 

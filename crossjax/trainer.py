@@ -32,6 +32,7 @@ from crossjax import configs, crosscoder, metrics as metrics_lib, sharding
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
+from crossjax.files import atomic_write_text
 
 # Keys that may change between a run and its resumption: they move work around, not the numbers trained.
 RESUME_SAFE_KEYS = ("mesh.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -167,14 +168,7 @@ def check_workdir(config: ConfigDict, workdir: str) -> bool:
 
 def record_config(config: ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        _write_atomic(os.path.join(workdir, "config.json"), json.dumps(_config_json(config), indent=1) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(_config_json(config), indent=1) + "\n")
 
 
 # ==================================================================================================
@@ -404,7 +398,7 @@ class MetricsLog:
                 return r["step"] <= resume_step and not redone
             with open(self.path) as f:
                 records = [line for line in f if line.strip()]
-            _write_atomic(self.path, "".join(line for line in records if kept(json.loads(line))))
+            atomic_write_text(self.path, "".join(line for line in records if kept(json.loads(line))))
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
@@ -618,7 +612,7 @@ def _finish(config, workdir, store, names, subset, scales_np, cc_cfg, plan: Plan
                                                presence=float(config.eval.presence))
     if jax.process_index() == 0:
         crosscoder.export_params(params, scales_np, cc_cfg, summary["export"])
-        _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 
 from crossjax.errors import CrossjaxError
+from crossjax.files import atomic_write_text
 from crossjax.suite import corpus
 from crossjax.suite import tokenizer as tokenizer_lib
 
@@ -195,12 +196,6 @@ def neox_config(s: dict[str, Any]):
 
 
 # -------------------------------------------------------------------------------------------------- files
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, arr)
@@ -512,7 +507,7 @@ def build_suite(cfg) -> list[Path]:
         if done is not None and all((root / n / "config.json").is_file() for n in names):
             return [root / n for n in names]
         if done is None:
-            _atomic_write_text(root / "BUILD.json", json.dumps(
+            atomic_write_text(root / "BUILD.json", json.dumps(
                 {"fingerprint": fp, "settings": s, "corpus": corpus.corpus_fingerprint(),
                  "format": FORMAT_VERSION}, indent=2, sort_keys=True))
         _train(root, s, fp, show)
@@ -591,7 +586,7 @@ def _train(root: Path, s: dict, fp: str, show: bool) -> None:
                "heldout_loss": trainer.evaluate(params, eval_heldout, s["eval_contexts"]),
                "train_loss_running": float(np.mean(running)) if running else None}
         records[:] = [r for r in records if r["step"] < at_step] + [rec]
-        _atomic_write_text(losses_path, json.dumps(
+        atomic_write_text(losses_path, json.dumps(
             {"snapshots": records, "baselines": baselines, "eval_tokens_per_split": int(eval_heldout.size),
              "fingerprint": fp}, indent=2))
         save_state(state_path, at_step, params, opt_state, fp)
@@ -623,7 +618,7 @@ def _train(root: Path, s: dict, fp: str, show: bool) -> None:
             running = []
     if bar is not None:
         bar.close()
-    _atomic_write_text(root / "DONE.json", json.dumps(
+    atomic_write_text(root / "DONE.json", json.dumps(
         {"fingerprint": fp, "settings": s, "snapshots": snapshot_names(s), "build_seconds_last_run":
          round(time.time() - t_start, 1), "format": FORMAT_VERSION}, indent=2, sort_keys=True))
     shutil.rmtree(root / "state", ignore_errors=True)  # optimizer state is only needed to resume
