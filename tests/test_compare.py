@@ -13,10 +13,6 @@ from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
 
 
-def _files_under(path):
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
-
-
 def test_compare_matches_the_crosscoder_and_direct_sae_runs(tmp_path):
     c = experiment("synthetic", "tiny")
     work = tmp_path / "run"

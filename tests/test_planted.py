@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 
 from crossjax import planted
+from _files import tree_bytes
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore, StoreMismatchError
-
-
-def tree_bytes(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def small_cfg(**kw):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from crossjax import store as store_lib
+from _files import tree_bytes
 from crossjax.errors import CrossjaxError
 from crossjax.store import (
     ActivationStore,
@@ -28,17 +29,6 @@ sys.path.insert(0, HERE)
 import _store_writer_proc as writer  # noqa: E402
 
 META = writer.META
-
-
-def tree_bytes(root):
-    """{relative path: bytes} of every file under root."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def run_writer(url, *args, check=True):
