@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from _data_stores import CONTEXT, row_values, write_store
+from _data_stores import row_values, write_store
 from crossjax.data import make_loader
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore

@@ -1,6 +1,5 @@
 """The planted-feature generator: ground truth, the generative formula, resumable identical bytes."""
 import math
-import os
 
 import numpy as np
 import pytest
