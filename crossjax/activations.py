@@ -170,7 +170,8 @@ class _SnapshotPlan:
     neox: object  # NeoXConfig shared by all snapshots
 
 
-def _snapshot_specs(model_cfg) -> tuple[list[str], list[tuple[str, str | None]]]:
+def snapshot_specs(model_cfg) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """model section -> (snapshot names, (spec, revision) per snapshot for models.load.resolve_snapshot)."""
     names = [str(s) for s in model_cfg.snapshots]
     if not names:
         raise CrossjaxError("model.snapshots is empty; list the snapshot names, e.g. ['step0', 'step1000'].")
@@ -211,7 +212,7 @@ def _resolve_snapshots(config):
     from crossjax.models import gpt_neox
     from crossjax.models import load as load_lib
 
-    names, specs = _snapshot_specs(config.model)
+    names, specs = snapshot_specs(config.model)
     cache_dir = config.model.get("cache_dir") or None
     paths = [load_lib.resolve_snapshot(spec, rev, cache_dir=cache_dir) for spec, rev in specs]
     try:

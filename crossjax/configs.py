@@ -68,6 +68,9 @@ def eval_config() -> ConfigDict:
         emergence_threshold=0.25,   # planted data: normalised decoder norm that marks a learned feature as present
                                     # (below the planted ramp's half-strength step at the emergence snapshot)
         presence=0.1,               # planted data: a true feature counts where its strength >= this * its peak
+        spliced_tokens=0,           # model snapshots: > 0 measures, at the end, each snapshot's next-token loss with
+                                    # the hook's residual replaced by the reconstruction, over about this many tokens
+        spliced_split="heldout",    # tokens.split used for those contexts (offline corpus / HF dataset split)
     ))
 
 

@@ -66,6 +66,13 @@ def _print_per_snapshot(summary: dict) -> None:
     print(f"{'snapshot':<{width}}  held-out EV     L0")
     for name, e, n in zip(names, ev, l0):
         print(f"{name:<{width}}  {e:11.4f}  {n:5.1f}")
+    spliced = summary.get("spliced")
+    if spliced:
+        print(f"{'snapshot':<{width}}  clean loss  spliced loss  zero-ablated  loss recovered")
+        for name in names:
+            r = spliced[name]
+            print(f"{name:<{width}}  {r['clean_loss']:10.4f}  {r['spliced_loss']:12.4f}  {r['zero_ablated_loss']:12.4f}"
+                  f"  {r['loss_recovered']:14.3f}")
     evolution = summary.get("evolution")
     if evolution:
         kinds = ", ".join(f"{k} {v}" for k, v in evolution["kinds"].items() if v)

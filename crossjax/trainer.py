@@ -612,8 +612,30 @@ def _finish(config, workdir, store, names, subset, scales_np, cc_cfg, plan: Plan
                                                presence=float(config.eval.presence))
     if jax.process_index() == 0:
         crosscoder.export_params(params, scales_np, cc_cfg, summary["export"])
+        if config.data.source == "snapshots" and int(config.eval.spliced_tokens) > 0:
+            summary["spliced"] = spliced_eval(config, names, summary["export"])
         atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def spliced_eval(config: ConfigDict, names, export_dir: str) -> dict:
+    """Per snapshot: the LM's next-token loss clean, with the reconstruction spliced in at the hook, and with the
+    hook zero-ablated (PAPER.md "Spliced-in loss"), over eval.spliced_tokens tokens of tokens.split =
+    eval.spliced_split (the text and jsonl sources have no splits: their documents are drawn with another seed)."""
+    import copy
+    from crossjax import activations, tokens
+    from crossjax.analysis.spliced import spliced_loss
+    from crossjax.models import load as model_load
+    all_names, specs = activations.snapshot_specs(config.model)
+    dirs = {n: model_load.resolve_snapshot(*specs[all_names.index(n)], cache_dir=config.model.cache_dir or None)
+            for n in names}
+    section = copy.deepcopy(config.tokens)
+    section.split = str(config.eval.spliced_split)
+    section.num_tokens = int(config.eval.spliced_tokens)
+    section.seed = int(section.seed) + 1
+    contexts = tokens.contexts_for(section, tokens.load_tokenizer(dirs[names[0]]))
+    _say(f"spliced-in loss over {int(contexts.valid.sum())} tokens of {len(contexts.input_ids)} contexts")
+    return spliced_loss(dirs, export_dir, config.model.hook, contexts)
 
 
 def _progress(t: ConfigDict, plan: Plan, start: int):

@@ -51,3 +51,28 @@ def test_snapshots_to_crosscoder_in_one_call(tmp_path):
     with pytest.raises(CrossjaxError, match=r"step0.*step2"):
         trainer.run(c, str(tmp_path / "run2"))
     assert store_lib.ActivationStore.open(str(tmp_path / "store")).is_complete()
+
+
+def test_spliced_in_loss_at_the_end_of_a_run(tmp_path):
+    root = fx.make_root(tmp_path / "snaps")
+    workdir = tmp_path / "run"
+    c = _config(root, tmp_path / "store", **{"eval.spliced_tokens": 60})
+    out = trainer.run(c, str(workdir))
+    spliced = out["spliced"]
+    assert sorted(spliced) == ["step0", "step1", "step2"]
+    assert summary(workdir)["spliced"] == spliced
+    for r in spliced.values():
+        assert all(np.isfinite([r["clean_loss"], r["spliced_loss"], r["zero_ablated_loss"]]))
+        recovered = (r["zero_ablated_loss"] - r["spliced_loss"]) / (r["zero_ablated_loss"] - r["clean_loss"])
+        assert r["loss_recovered"] == pytest.approx(recovered, rel=1e-5)
+    # second code path: the analysis API on the exported weights and the same contexts gives the same numbers
+    from crossjax import tokens
+    from crossjax.analysis.spliced import spliced_loss
+    section = c.tokens
+    section.split, section.num_tokens, section.seed = "heldout", 60, int(section.seed) + 1
+    dirs = {n: root / n for n in ("step0", "step1", "step2")}
+    direct = spliced_loss(dirs, str(workdir / "export"), c.model.hook,
+                          tokens.contexts_for(section, tokens.load_tokenizer(dirs["step0"])))
+    for name, r in direct.items():
+        assert spliced[name]["spliced_loss"] == pytest.approx(r["spliced_loss"], rel=1e-6)
+        assert spliced[name]["clean_loss"] == pytest.approx(r["clean_loss"], rel=1e-6)
