@@ -1,11 +1,18 @@
 """Crosscoder vs per-snapshot SAEs on the same store, with the same code and settings (the paper's first result).
 
-    python -m crossjax.compare --config=experiments/tiny.py --workdir=runs/tiny [--snapshots=step0,step1600]
+    python -m crossjax.compare --config=experiments/tiny.py --workdir=/tmp/crossjax_tiny [--snapshots=step0,step1600]
 
-Ensures the crosscoder run in WORKDIR (the same as `python -m crossjax.train` with these flags: it resumes or
-reuses a finished run), then trains, for each snapshot, an S=1 crosscoder (an ordinary SAE) with every other
-setting unchanged on that snapshot's column of the same activation store, in WORKDIR/sae/<snapshot>/ (each
-resumable). Writes WORKDIR/compare.json and prints a table of held-out explained variance and L0 per snapshot.
+The flags are those of `python -m crossjax.train` (--config with its `--config.a.b=v` overrides, --workdir,
+--distributed ...) plus --snapshots. It ensures the crosscoder run in WORKDIR (what crossjax.train with these
+flags does: it resumes, or re-evaluates a finished run), then, for each snapshot, trains an S=1 crosscoder (an
+ordinary SAE) with every other setting unchanged (features, steps, batch, lr and lambda schedules, seed, held-out
+blocks) on that snapshot's column of the crosscoder's activation store, in WORKDIR/sae/<snapshot>/ (each a
+resumable trainer workdir; the store is read, never rewritten). It writes WORKDIR/compare.json and prints
+
+    | snapshot | crosscoder EV | SAE EV | crosscoder L0 | SAE L0 |
+
+from each run's held-out evaluation (summary.json: PAPER.md's explained variance and L0), then, where both runs
+measured them, the planted-feature recovery (synthetic data) or the spliced-in LM loss (model snapshots).
 """
 from __future__ import annotations
 
@@ -15,78 +22,153 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (as for crossjax.train)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "the crosscoder run's directory; SAEs go to WORKDIR/sae/<snapshot>")
-_SNAPSHOTS = flags.DEFINE_list("snapshots", [], "compare only these snapshots (default: every snapshot trained on)")
-flags.mark_flags_as_required(["config", "workdir"])
+# --config (with overrides), --workdir and the --distributed flags: exactly those of crossjax.train.
+from crossjax import train as train_cli
+
+_SNAPSHOTS = flags.DEFINE_list("snapshots", [], "compare only these snapshots (default: every snapshot the "
+                               "crosscoder is trained on)")
+FLAGS = flags.FLAGS
 
 
-def sae_config(config, workdir: str, snapshot: str):
-    """The crosscoder's config restricted to one snapshot of the crosscoder run's store."""
-    from crossjax import store as store_lib
+def sae_config(config, store_url: str, snapshot: str):
+    """The crosscoder's config restricted to one snapshot of the store at store_url (an S=1 crosscoder: an SAE).
+
+    The mesh's snapshot axis folds into the data axis (one snapshot cannot be split); mesh keys do not change
+    the numbers trained.
+    """
     sae = copy.deepcopy(config)
-    sae.store.path = store_lib.resolve_url(config.store.path, os.path.abspath(workdir))
+    sae.store.path = store_url
     sae.data.snapshots = snapshot
+    snap_ax = int(sae.mesh.snapshot)
+    if snap_ax != 1:
+        if int(sae.mesh.data) > 0:
+            sae.mesh.data = int(sae.mesh.data) * snap_ax
+        sae.mesh.snapshot = 1
     return sae
 
 
-def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
-    """Train (or reuse) the crosscoder and one SAE per snapshot; return and write the comparison.
+def _say(message: str) -> None:
+    import jax
+    if jax.process_index() == 0:
+        print(f"crossjax.compare: {message}", file=sys.stderr, flush=True)
 
+
+def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
+    """Train (or reuse) the crosscoder and one SAE per snapshot; return and write WORKDIR/compare.json.
+
+    snapshots: names among those the crosscoder is trained on (default: all of them).
     Returns {"snapshots": [...], "crosscoder": {"ev": [...], "l0": [...]}, "sae": {"ev": [...], "l0": [...]},
-    "sae_workdirs": [...]}, figures from each run's held-out evaluation (PAPER.md's explained variance).
+    "sae_workdirs": [...], "store", "num_features", "steps", "batch_size"}: per snapshot, held-out figures from
+    each run's summary.json. Planted data adds "max_cos" to both sides (mean best cosine to the true features
+    present at that snapshot); model snapshots with eval.spliced_tokens add "spliced_loss" and "loss_recovered".
     """
+    import jax
+
+    from crossjax import store as store_lib
     from crossjax import trainer
     from crossjax.errors import CrossjaxError
     from crossjax.files import atomic_write_text
 
     workdir = os.path.abspath(workdir)
+    _say(f"the crosscoder in {workdir}")
     cc = trainer.run(config, workdir)
     names = list(cc["snapshots"])
     wanted = list(snapshots) if snapshots else names
     unknown = [s for s in wanted if s not in names]
-    if unknown:
-        raise CrossjaxError(f"--snapshots names {unknown}, which the crosscoder in {workdir} was not trained on; "
-                            f"choose from {names}")
-    result = {"snapshots": wanted, "crosscoder": {"ev": [], "l0": []}, "sae": {"ev": [], "l0": []},
-              "sae_workdirs": [], "num_features": cc["num_features"], "steps": cc["steps"]}
-    for name in wanted:
-        s = names.index(name)
+    if unknown or len(set(wanted)) != len(wanted):
+        raise CrossjaxError(f"--snapshots={','.join(wanted)} must name distinct snapshots the crosscoder in {workdir} "
+                            f"was trained on" + (f" (unknown: {unknown})" if unknown else "")
+                            + f"; choose from {names}")
+    store = store_lib.ActivationStore.open(cc["store"])  # made and checked by the crosscoder run just now
+    result = {"snapshots": wanted, "crosscoder": _side(), "sae": _side(), "sae_workdirs": [],
+              "store": cc["store"], "num_features": cc["num_features"], "steps": cc["steps"],
+              "batch_size": int(config.train.batch_size)}
+    for i, name in enumerate(wanted):
         sae_dir = os.path.join(workdir, "sae", name)
-        sae = trainer.run(sae_config(config, workdir, name), sae_dir)
-        result["crosscoder"]["ev"].append(cc["eval"]["ev"][s])
-        result["crosscoder"]["l0"].append(cc["eval"]["l0"][s])
-        result["sae"]["ev"].append(sae["eval"]["ev"][0])
-        result["sae"]["l0"].append(sae["eval"]["l0"][0])
+        _say(f"SAE {i + 1}/{len(wanted)} on {name} in {sae_dir}")
+        sae = trainer.run(sae_config(config, cc["store"], name), sae_dir, store=store)
+        if sae["snapshots"] != [name]:
+            raise CrossjaxError(f"{sae_dir}/summary.json is for snapshots {sae['snapshots']}, not [{name!r}]")
+        _add(result["crosscoder"], cc, names.index(name), name)
+        _add(result["sae"], sae, 0, name)
         result["sae_workdirs"].append(sae_dir)
-    atomic_write_text(os.path.join(workdir, "compare.json"), json.dumps(result, indent=1) + "\n")
+    for key in ("max_cos", "spliced_loss", "loss_recovered"):  # only what both sides measured
+        if key not in result["crosscoder"] or key not in result["sae"]:
+            result["crosscoder"].pop(key, None), result["sae"].pop(key, None)
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(workdir, "compare.json"), json.dumps(result, indent=1) + "\n")
     return result
 
 
+def _side() -> dict:
+    return {"ev": [], "l0": []}
+
+
+def _add(side: dict, summary: dict, s: int, name: str) -> None:
+    """Append snapshot s of a run's summary to one side of the comparison."""
+    side["ev"].append(summary["eval"]["ev"][s])
+    side["l0"].append(summary["eval"]["l0"][s])
+    recovery = summary.get("recovery")
+    if recovery is not None:
+        side.setdefault("max_cos", []).append(recovery["mean_max_cos_per_snapshot"][s])
+    spliced = summary.get("spliced")
+    if spliced is not None:
+        side.setdefault("spliced_loss", []).append(spliced[name]["spliced_loss"])
+        side.setdefault("loss_recovered", []).append(spliced[name]["loss_recovered"])
+
+
 def table(result: dict) -> str:
-    """A markdown table of the comparison."""
-    lines = ["| snapshot | crosscoder EV | SAE EV | crosscoder L0 | SAE L0 |", "|---|---|---|---|---|"]
+    """The comparison as markdown: held-out EV and L0 per snapshot, then recovery or spliced loss if measured."""
     cc, sae = result["crosscoder"], result["sae"]
+    lines = ["| snapshot | crosscoder EV | SAE EV | crosscoder L0 | SAE L0 |", "|---|---|---|---|---|"]
     for i, name in enumerate(result["snapshots"]):
         lines.append(f"| {name} | {cc['ev'][i]:.4f} | {sae['ev'][i]:.4f} | {cc['l0'][i]:.1f} | {sae['l0'][i]:.1f} |")
+    if "max_cos" in cc:
+        lines += ["", "| snapshot | crosscoder max cos | SAE max cos |", "|---|---|---|"]
+        lines += [f"| {name} | {cc['max_cos'][i]:.3f} | {sae['max_cos'][i]:.3f} |"
+                  for i, name in enumerate(result["snapshots"])]
+    if "spliced_loss" in cc:
+        lines += ["", "| snapshot | crosscoder spliced loss | SAE spliced loss | crosscoder loss recovered "
+                  "| SAE loss recovered |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {cc['spliced_loss'][i]:.4f} | {sae['spliced_loss'][i]:.4f} | "
+                  f"{cc['loss_recovered'][i]:.3f} | {sae['loss_recovered'][i]:.3f} |"
+                  for i, name in enumerate(result["snapshots"])]
     return "\n".join(lines)
 
 
 def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO chatter out of the table's way
+    import jax
+    if FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
     from crossjax.errors import CrossjaxError
     try:
-        result = compare(_CONFIG.value, _WORKDIR.value, _SNAPSHOTS.value)
+        result = compare(FLAGS.config, FLAGS.workdir, _SNAPSHOTS.value)
     except CrossjaxError as e:
         print(f"crossjax.compare: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(table(result))
-    print(f"comparison: {os.path.join(os.path.abspath(_WORKDIR.value), 'compare.json')}")
+    if jax.process_index() == 0:
+        print(table(result))
+        print(f"comparison: {os.path.join(os.path.abspath(FLAGS.workdir), 'compare.json')}")
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with a readable message for a misspelled --config.* override (as crossjax.train)."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError, flags.IllegalFlagValueError) as e:
+        try:
+            problem = train_cli.unknown_override(train_cli._load_config_file(argv), argv)
+        except Exception:  # the config file itself is broken: absl's message says how
+            problem = None
+        print(f"crossjax.compare: error: {problem or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -23,8 +23,9 @@ def data_config() -> ConfigDict:
         window_blocks=8,       # store blocks read and shuffled together by the loader
         streams=0,             # loader read streams; 0: one per process. Fix it (e.g. 8) to get the same batches,
                                # and to resume, on any number of hosts
-        snapshots="",          # comma-separated names of the store's snapshots to train on ("" = all); one name
-                               # trains an ordinary per-snapshot SAE on the same store (crossjax.compare)
+        snapshots="",          # comma-separated names (or 0-based indices) of the store's snapshots to train on
+                               # ("" = all); one name trains an ordinary per-snapshot SAE on the same store
+                               # (crossjax.compare)
     ))
 
 
@@ -96,11 +97,44 @@ def base_config() -> ConfigDict:
     return config
 
 
-def num_snapshots(config: ConfigDict) -> int:
-    """S as the config determines it (the store is checked against this later)."""
+def store_snapshots(config: ConfigDict) -> tuple[str, ...]:
+    """The snapshot names of the store the config describes (the store is checked against these later)."""
     if config.data.source == "planted":
-        return int(config.planted.num_snapshots)
-    return len(config.model.snapshots)
+        return tuple(f"planted_{i}" for i in range(int(config.planted.num_snapshots)))  # planted.planted_meta
+    return tuple(config.model.snapshots)
+
+
+def select_snapshots(spec: str, names) -> tuple[tuple[str, ...], list[int] | None]:
+    """data.snapshots resolved against the store's snapshot names: (names trained on, their store indices).
+
+    spec: comma-separated entries, each a name in `names` or else a 0-based index into them ("" = all).
+    Returns (names, None) for all snapshots in store order (nothing to select).
+    """
+    names = tuple(names)
+    entries = [e.strip() for e in str(spec).split(",") if e.strip()]
+    if not entries:
+        return names, None
+    indices, unknown = [], []
+    for e in entries:
+        if e in names:
+            indices.append(names.index(e))
+        elif e.lstrip("-").isdigit() and -len(names) <= int(e) < len(names):
+            indices.append(int(e) % len(names))
+        else:
+            unknown.append(e)
+    if unknown or len(set(indices)) != len(indices):
+        raise CrossjaxError(
+            f"data.snapshots={spec!r} must list distinct snapshots of the store, by name or 0-based index, "
+            f"from {list(names)}" + (f"; unknown: {unknown}" if unknown else "; some snapshot is listed twice"))
+    if indices == list(range(len(names))):
+        return names, None
+    return tuple(names[i] for i in indices), indices
+
+
+def num_snapshots(config: ConfigDict) -> int:
+    """S trained on, as the config determines it: the data.snapshots subset, else every snapshot of the store."""
+    entries = [e for e in str(config.data.snapshots).split(",") if e.strip()]
+    return len(entries) or len(store_snapshots(config))
 
 
 def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
@@ -148,6 +182,11 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
                         f"the {jax.process_count()} processes")
 
     s = num_snapshots(config) if config.data.source in SOURCES else 0
+    if config.data.source in SOURCES and store_snapshots(config):
+        try:
+            select_snapshots(config.data.snapshots, store_snapshots(config))
+        except CrossjaxError as e:
+            problems.append(str(e))
     if config.data.source == "snapshots" and s == 0:
         problems.append("data.source='snapshots' needs a snapshot list: set model.snapshots (e.g. ['step0', 'step1000'])")
     features = int(config.crosscoder.num_features)

@@ -544,10 +544,10 @@ def make_loader(
         if len(dims) != meta.d_model:
             raise CrossjaxError(f"sharding {sharding} splits d_model across processes: keep the last axis unsplit.")
         snaps = subset[snaps]
-    if np.array_equal(snaps, np.arange(meta.num_snapshots)):
-        snaps = None  # every snapshot in store order: no gather needed
         if token_sharding is not None and not np.array_equal(_process_indices(token_sharding, shape[:1])[0], rows):
             raise CrossjaxError(f"sharding {sharding}: token arrays would land on other processes than their rows.")
+    if np.array_equal(snaps, np.arange(meta.num_snapshots)):
+        snaps = None  # every snapshot in store order: no gather needed
 
     windows = _WindowCache(store, order, with_tokens)
     total = sys.maxsize if num_epochs is None else num_epochs * order.batches_per_epoch

@@ -103,14 +103,17 @@ def check_store(config: ConfigDict, store: store_lib.ActivationStore) -> None:
 
 def selected_snapshots(config: ConfigDict, store: store_lib.ActivationStore) -> tuple[tuple[str, ...], list | None]:
     """The snapshots to train on (data.snapshots, default all) as (names, store indices or None for all)."""
-    names = [n.strip() for n in str(config.data.snapshots).split(",") if n.strip()]
-    if not names:
-        return tuple(store.meta.snapshots), None
-    unknown = [n for n in names if n not in store.meta.snapshots]
-    if unknown or len(set(names)) != len(names):
-        raise CrossjaxError(f"data.snapshots={config.data.snapshots!r} must name distinct snapshots of the store "
-                            f"{list(store.meta.snapshots)}" + (f"; unknown: {unknown}" if unknown else ""))
-    return tuple(names), [store.meta.snapshots.index(n) for n in names]
+    return configs.select_snapshots(config.data.snapshots, store.meta.snapshots)
+
+
+def given_store(config: ConfigDict, workdir: str, store: store_lib.ActivationStore) -> store_lib.ActivationStore:
+    """An already made store passed to run(): it must be the one store.path names, and match the config."""
+    url = store_lib.resolve_url(config.store.path, workdir)
+    if store.url != url:
+        raise CrossjaxError(f"the store passed to run() is {store.url} but store.path names {url}; set store.path "
+                            "to the store's location so that the run's config.json records what it trained on")
+    check_store(config, store)
+    return store
 
 
 def ensure_scales(config: ConfigDict, store: store_lib.ActivationStore) -> np.ndarray:
@@ -467,12 +470,14 @@ def _process_local(tree):
     return jax.device_get(tree)
 
 
-def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
+        store: store_lib.ActivationStore | None = None) -> dict:
     """Run the missing stages, then train (resuming from the latest checkpoint), evaluate and export.
 
     stop_after: end this invocation after that many total steps, with a checkpoint (a time-boxed job); the same
-    call later resumes. Returns the summary dict also written to workdir/summary.json (when stopped early:
-    {"stopped_at": step, "workdir": ...}).
+    call later resumes. store: the opened, complete store at store.path, when another run has just made it
+    (the data stages are then skipped; the store is still checked against the config). Returns the summary dict
+    also written to workdir/summary.json (when stopped early: {"stopped_at": step, "workdir": ...}).
     """
     configs.validate(config)
     workdir = os.path.abspath(workdir)
@@ -480,7 +485,7 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
     check_workdir(config, workdir)
 
     # 1. stages
-    store = prepare_store(config, workdir)
+    store = prepare_store(config, workdir) if store is None else given_store(config, workdir, store)
     scales_np = ensure_scales(config, store)
     names, subset = selected_snapshots(config, store)
     if subset is not None:
@@ -491,19 +496,24 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> d
 
     # 3. state
     mesh = sharding.make_mesh(config.mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    from crossjax import data
+    make_train_loader = lambda: data.make_loader(
+        store, global_batch=plan.batch_size, seed=int(config.train.seed), sharding=batch_sharding,
+        blocks=list(plan.train_blocks), window_blocks=int(config.data.window_blocks), num_epochs=None,
+        streams=int(config.data.streams) or None, snapshots=subset)
+    batches = make_train_loader()
+    if int(config.train.steps) <= 0 and int(config.train.num_tokens) <= 0:
+        # one pass = one epoch as the loader cuts it (rows that cannot fill a whole batch of a stream are left
+        # out), so that no row is seen twice
+        plan = dataclasses.replace(plan, total_steps=min(plan.total_steps, batches.batches_per_epoch))
     cc_cfg, tx, abstract = abstract_train_state(config, num_snapshots=len(names), d_model=meta.d_model,
                                                 total_steps=plan.total_steps)
-    shard = dict(mesh=mesh, batch=sharding.batch_sharding(mesh),
+    shard = dict(mesh=mesh, batch=batch_sharding,
                  params=sharding.param_shardings(mesh, abstract["params"]),
                  state=sharding.state_shardings(mesh, abstract, abstract["params"], STATE_EXTRA_AXES))
     scales = jax.device_put(jnp.asarray(scales_np), sharding.replicated(mesh))
 
-    from crossjax import data
-    make_train_loader = lambda: data.make_loader(
-        store, global_batch=plan.batch_size, seed=int(config.train.seed), sharding=shard["batch"],
-        blocks=list(plan.train_blocks), window_blocks=int(config.data.window_blocks), num_epochs=None,
-        streams=int(config.data.streams) or None, snapshots=subset)
-    batches = make_train_loader()
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
                                        async_save=bool(config.train.async_checkpointing))
     try:
@@ -604,9 +614,9 @@ def _finish(config, workdir, store, names, subset, scales_np, cc_cfg, plan: Plan
         init_norm=float(jax.device_get(state["init_norm"])), scales=scales_np.tolist(),
         eval=_jsonable(final), export=os.path.join(workdir, "export"))
     summary["evolution"] = evolution.summarise(params["W_dec"], list(names))
-    if config.data.source == "planted" and subset is None:  # the planted truth spans every snapshot
+    if config.data.source == "planted":
         from crossjax import planted
-        summary["recovery"] = planted_recovery(params["W_dec"], planted.load_truth(store.url),
+        summary["recovery"] = planted_recovery(params["W_dec"], planted.load_truth(store.url), snapshots=subset,
                                                threshold=float(config.eval.recovery_threshold),
                                                emergence_threshold=float(config.eval.emergence_threshold),
                                                presence=float(config.eval.presence))
@@ -648,9 +658,13 @@ def _progress(t: ConfigDict, plan: Plan, start: int):
 # 7. planted-feature recovery
 
 
-def planted_recovery(W_dec: np.ndarray, truth, *, threshold: float = 0.9, emergence_threshold: float = 0.5,
-                     presence: float = 0.1) -> dict:
+def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: float = 0.9,
+                     emergence_threshold: float = 0.5, presence: float = 0.1) -> dict:
     """How well learned decoder directions W_dec [S,F,D] recover the planted truth.
+
+    snapshots: the store indices of W_dec's S snapshots when the run trained on a subset (data.snapshots); the
+    truth of those snapshots is used, presence is still judged against each feature's peak over all snapshots,
+    and emergence (a property of the whole snapshot sequence) is not measured.
 
     A true feature counts as present at a snapshot where its strength is at least `presence` times its peak
     strength over snapshots (a feature decayed to a few percent of its peak is buried in the noise there).
@@ -666,6 +680,12 @@ def planted_recovery(W_dec: np.ndarray, truth, *, threshold: float = 0.9, emerge
     true_dirs = np.asarray(truth.directions, np.float64)         # [S, T, D]
     strengths = np.asarray(truth.strengths, np.float64)          # [S, T]
     present = (strengths > 0) & (strengths >= presence * strengths.max(0, keepdims=True))
+    if snapshots is not None:
+        sel = np.asarray(list(snapshots), np.int64)
+        true_dirs, strengths, present = true_dirs[sel], strengths[sel], present[sel]
+    if W.shape[:1] != true_dirs.shape[:1] or W.shape[-1] != true_dirs.shape[-1]:
+        raise CrossjaxError(f"W_dec {W.shape} and the planted truth {true_dirs.shape} (snapshots={snapshots}) "
+                            "differ in snapshots or d_model; pass the store indices of W_dec's snapshots")
     learned = W / np.maximum(np.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
     true_unit = true_dirs / np.maximum(np.linalg.norm(true_dirs, axis=-1, keepdims=True), 1e-12)
     cos = np.einsum("std,sfd->stf", true_unit, learned)          # [S, T, F]
@@ -675,6 +695,10 @@ def planted_recovery(W_dec: np.ndarray, truth, *, threshold: float = 0.9, emerge
     out = dict(mean_max_cos=float(np.nanmean(per_snapshot)), mean_max_cos_per_snapshot=per_snapshot,
                frac_above=float((best[present] > threshold).mean()), threshold=threshold, presence=presence)
 
+    if snapshots is not None:
+        out["snapshots"] = [int(i) for i in snapshots]
+        out["note"] = "trained on a subset of the snapshots: emergence is not measured"
+        return out
     emergent = np.flatnonzero(np.asarray(truth.emergence_snapshot) >= 0)
     if emergent.size:
         norms = np.linalg.norm(W, axis=-1)                       # [S, F]

@@ -41,6 +41,7 @@ import numpy as np
 from crossjax import crosscoder
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
+from crossjax.files import atomic_write, atomic_write_text
 from crossjax.store import ActivationStore
 
 INDEX_ARRAYS = "feature_index.npz"
@@ -141,19 +142,28 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_agree(cfg: crosscoder.CrosscoderConfig, export: Path, store: ActivationStore,
-                 snapshots: Sequence[str] | None) -> None:
-    """Raise CrossjaxError naming both sides if the export and the store describe different data."""
+def _trained_columns(cfg: crosscoder.CrosscoderConfig, export: Path, store: ActivationStore,
+                     snapshots: Sequence[str] | None) -> list[int] | None:
+    """The store's snapshot indices the crosscoder was trained on (None: all, in store order); raise CrossjaxError
+    naming both sides if the export and the store describe different data. `snapshots`: the run's summary names."""
     meta = store.meta
-    if cfg.d_model != meta.d_model or cfg.num_snapshots != meta.num_snapshots:
+    if snapshots is None and cfg.num_snapshots == meta.num_snapshots:
+        snapshots = meta.snapshots
+    unknown = [] if snapshots is None else [s for s in snapshots if s not in meta.snapshots]
+    if cfg.d_model != meta.d_model or snapshots is None or unknown or len(snapshots) != cfg.num_snapshots:
+        trained = f"snapshots {list(snapshots)}" if snapshots is not None else f"{cfg.num_snapshots} snapshots"
         raise CrossjaxError(
-            f"the crosscoder in {export} has {cfg.num_snapshots} snapshots of d_model {cfg.d_model}, but the store "
-            f"{store.url} holds {meta.num_snapshots} snapshots {list(meta.snapshots)} of d_model {meta.d_model}: "
-            "pass the store the crosscoder was trained on.")
-    if snapshots is not None and tuple(snapshots) != tuple(meta.snapshots):
-        raise CrossjaxError(
-            f"the crosscoder in {export} was trained on snapshots {list(snapshots)}, but the store {store.url} holds "
-            f"{list(meta.snapshots)}: pass the store the crosscoder was trained on.")
+            f"the crosscoder in {export} was trained on {trained} of d_model {cfg.d_model}, but the store "
+            f"{store.url} holds snapshots {list(meta.snapshots)} of d_model {meta.d_model}: pass the store the "
+            "crosscoder was trained on.")
+    columns = [meta.snapshots.index(s) for s in snapshots]
+    return None if columns == list(range(meta.num_snapshots)) else columns
+
+
+def _read_columns(store: ActivationStore, start: int, stop: int, columns: list[int] | None) -> np.ndarray:
+    """Rows [start, stop) of the snapshots the crosscoder was trained on: [n, S, D] storage dtype."""
+    acts = store.read_rows(start, stop)
+    return acts if columns is None else acts[:, columns]
 
 
 def _load_tokenizer(tokenizer: Any):
@@ -317,7 +327,7 @@ class FeatureIndex:
             store_url = summary["store"]
         params_np, scales, cfg = crosscoder.load_exported(str(export))
         store = ActivationStore.open(store_url)
-        _check_agree(cfg, export, store, summary.get("snapshots") if summary else None)
+        columns = _trained_columns(cfg, export, store, summary.get("snapshots") if summary else None)
 
         n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
         f = cfg.num_features
@@ -332,7 +342,7 @@ class FeatureIndex:
         bar = _progress(n, "feature index", progress)
         for a in range(0, n, batch_rows):
             b = min(a + batch_rows, n)
-            acts = store.read_rows(a, b)
+            acts = _read_columns(store, a, b, columns)
             t = store.read_tokens(a, b)
             rows = np.arange(a, b, dtype=np.int32)
             top, c, s, ps = _scan_step(top, params, acts, scales_j, rows, t["context_ids"], t["positions"],
@@ -366,7 +376,8 @@ class FeatureIndex:
             "window_keys": window_keys, "window_tokens": window_tokens,
         }
         info = {
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "snapshots": list(store.meta.snapshots),
+            "format": INDEX_FORMAT, "version": INDEX_VERSION, "snapshots": [store.meta.snapshots[i] for i in (columns or range(store.meta.num_snapshots))],
+            "store_columns": columns,
             "num_features": f, "d_model": cfg.d_model, "activation": cfg.activation, "rows_scanned": int(n),
             "store_rows": int(store.meta.num_rows), "top_k": int(top_k), "batch_rows": int(batch_rows),
             "window": int(window), "emergence_threshold": float(emergence_threshold),
@@ -388,12 +399,11 @@ class FeatureIndex:
             raise CrossjaxError(f"{p} is a file: FeatureIndex.save writes a directory; choose another path.")
         p.mkdir(parents=True, exist_ok=True)
         arrays = dict(self._a, window_keys=self._wkeys, window_tokens=self._wtokens)  # incl. widened windows
-        tmp = p / f".{INDEX_ARRAYS}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, p / INDEX_ARRAYS)
-        tmp = p / f".{INDEX_META}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.info, indent=1) + "\n")
-        os.replace(tmp, p / INDEX_META)
+        def write_arrays(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+                np.savez(f, **arrays)
+        atomic_write(p / INDEX_ARRAYS, write_arrays)
+        atomic_write_text(p / INDEX_META, json.dumps(self.info, indent=1) + "\n")
         return str(p)
 
     @classmethod
@@ -590,9 +600,11 @@ class FeatureIndex:
             b = int(self.info["batch_rows"])
             a0 = row // b * b
             end = self.rows_scanned if row < self.rows_scanned else store.meta.num_rows
-            a = np.asarray(_row_values(params, store.read_rows(a0, min(a0 + b, end)), scales, cfg=cfg))[row - a0]
+            acts = _read_columns(store, a0, min(a0 + b, end), self.info.get("store_columns"))
+            a = np.asarray(_row_values(params, acts, scales, cfg=cfg))[row - a0]
         else:
-            a = np.asarray(_row_values(params, store.read_rows(row, row + 1), scales, cfg=cfg))[0]
+            acts = _read_columns(store, row, row + 1, self.info.get("store_columns"))
+            a = np.asarray(_row_values(params, acts, scales, cfg=cfg))[0]
         active = np.flatnonzero(a > 0)
         order = active[np.lexsort((active, -a[active]))][:k]
         return [(int(f), float(a[f])) for f in order]
