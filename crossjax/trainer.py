@@ -701,14 +701,10 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
         return out
     emergent = np.flatnonzero(np.asarray(truth.emergence_snapshot) >= 0)
     if emergent.size:
-        norms = np.linalg.norm(W, axis=-1)                       # [S, F]
         mean_cos = (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]   # [T, F]
         match = mean_cos.argmax(-1)                              # [T]
-        predicted = []
-        for i in emergent:
-            n = norms[:, match[i]] / max(norms[:, match[i]].max(), 1e-12)
-            predicted.append(int(np.argmax(n >= emergence_threshold)))
-        predicted = np.asarray(predicted)
+        # the same rule the analyses use: first snapshot where the normalised decoder norm reaches the threshold
+        predicted = evolution.emergence_snapshot(evolution.decoder_norms(W)[:, match[emergent]], emergence_threshold)
         target = np.asarray(truth.emergence_snapshot)[emergent]
         out.update(emergence_accuracy=float(np.mean(predicted == target)),
                    emergence_within_one=float(np.mean(np.abs(predicted - target) <= 1)),
