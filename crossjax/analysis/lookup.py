@@ -198,13 +198,13 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 def _feature_values(params, x, cfg: crosscoder.CrosscoderConfig):
     """x [B,S,D] normalised -> (a [B,F] activation per row, active_per_snapshot [S,F] int32 counts over the batch)."""
     h = crosscoder.encode(params, x)
-    if cfg.activation == "jumprelu":
-        n = crosscoder.decoder_norms(params)
-        gate = h[None] * n[:, None, :] > jnp.exp(params["log_threshold"])  # [S,B,F], as in crosscoder's gate
-        a = jnp.where(jnp.any(gate, axis=0), h, 0.0)
-        per_snapshot = jnp.sum(gate, axis=1, dtype=jnp.int32)
+    acts = crosscoder.activate(params, h, cfg)
+    if acts.ndim == 3:  # jumprelu, gated per snapshot: [B,S,F]; open gates carry h > 0
+        gate = acts > 0
+        a = jnp.where(jnp.any(gate, axis=1), h, 0.0)
+        per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
     else:
-        a = crosscoder.activate(params, h, cfg)
+        a = acts
         per_snapshot = jnp.broadcast_to(jnp.sum(a > 0, axis=0, dtype=jnp.int32), (cfg.num_snapshots, a.shape[1]))
     return a, per_snapshot
 
