@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import ConfigDict
 
+from crossjax import snapshot_names
 from crossjax.errors import CrossjaxError
 
 SOURCES = ("planted", "snapshots")
@@ -104,33 +105,6 @@ def store_snapshots(config: ConfigDict) -> tuple[str, ...]:
     return tuple(config.model.snapshots)
 
 
-def select_snapshots(spec: str, names) -> tuple[tuple[str, ...], list[int] | None]:
-    """data.snapshots resolved against the store's snapshot names: (names trained on, their store indices).
-
-    spec: comma-separated entries, each a name in `names` or else a 0-based index into them ("" = all).
-    Returns (names, None) for all snapshots in store order (nothing to select).
-    """
-    names = tuple(names)
-    entries = [e.strip() for e in str(spec).split(",") if e.strip()]
-    if not entries:
-        return names, None
-    indices, unknown = [], []
-    for e in entries:
-        if e in names:
-            indices.append(names.index(e))
-        elif e.lstrip("-").isdigit() and -len(names) <= int(e) < len(names):
-            indices.append(int(e) % len(names))
-        else:
-            unknown.append(e)
-    if unknown or len(set(indices)) != len(indices):
-        raise CrossjaxError(
-            f"data.snapshots={spec!r} must list distinct snapshots of the store, by name or 0-based index, "
-            f"from {list(names)}" + (f"; unknown: {unknown}" if unknown else "; some snapshot is listed twice"))
-    if indices == list(range(len(names))):
-        return names, None
-    return tuple(names[i] for i in indices), indices
-
-
 def num_snapshots(config: ConfigDict) -> int:
     """S trained on, as the config determines it: the data.snapshots subset, else every snapshot of the store."""
     entries = [e for e in str(config.data.snapshots).split(",") if e.strip()]
@@ -184,7 +158,7 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     s = num_snapshots(config) if config.data.source in SOURCES else 0
     if config.data.source in SOURCES and store_snapshots(config):
         try:
-            select_snapshots(config.data.snapshots, store_snapshots(config))
+            snapshot_names.select(config.data.snapshots, store_snapshots(config))
         except CrossjaxError as e:
             problems.append(str(e))
     if config.data.source == "snapshots" and s == 0:

@@ -28,7 +28,7 @@ import optax
 from ml_collections import ConfigDict
 
 from crossjax import checkpoint as ckpt_lib
-from crossjax import configs, crosscoder, metrics as metrics_lib, sharding
+from crossjax import configs, crosscoder, snapshot_names, metrics as metrics_lib, sharding
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
@@ -103,7 +103,7 @@ def check_store(config: ConfigDict, store: store_lib.ActivationStore) -> None:
 
 def selected_snapshots(config: ConfigDict, store: store_lib.ActivationStore) -> tuple[tuple[str, ...], list | None]:
     """The snapshots to train on (data.snapshots, default all) as (names, store indices or None for all)."""
-    return configs.select_snapshots(config.data.snapshots, store.meta.snapshots)
+    return snapshot_names.select(config.data.snapshots, store.meta.snapshots)
 
 
 def given_store(config: ConfigDict, workdir: str, store: store_lib.ActivationStore) -> store_lib.ActivationStore:

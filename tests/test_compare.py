@@ -11,7 +11,7 @@ import pytest
 
 from _files import tree_bytes
 from _trainer_util import ROOT, experiment
-from crossjax import compare, configs, crosscoder, data, metrics, planted, trainer
+from crossjax import compare, configs, crosscoder, data, metrics, planted, snapshot_names, trainer
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
 
@@ -75,15 +75,15 @@ def test_compare_matches_the_crosscoder_and_direct_sae_runs(tmp_path):
 
 def test_snapshot_selection_by_name_or_index():
     names = ("a", "b", "c")
-    assert configs.select_snapshots("", names) == (names, None)
-    assert configs.select_snapshots("c", names) == (("c",), [2])
-    assert configs.select_snapshots(" c , 0", names) == (("c", "a"), [2, 0])
-    assert configs.select_snapshots("-1", names) == (("c",), [2])
-    assert configs.select_snapshots("a,b,c", names) == (names, None)   # all, in store order: nothing to select
+    assert snapshot_names.select("", names) == (names, None)
+    assert snapshot_names.select("c", names) == (("c",), [2])
+    assert snapshot_names.select(" c , 0", names) == (("c", "a"), [2, 0])
+    assert snapshot_names.select("-1", names) == (("c",), [2])
+    assert snapshot_names.select("a,b,c", names) == (names, None)   # all, in store order: nothing to select
     with pytest.raises(CrossjaxError, match=r"unknown: \['d', '3'\]"):
-        configs.select_snapshots("d,3", names)
+        snapshot_names.select("d,3", names)
     with pytest.raises(CrossjaxError, match="listed twice"):
-        configs.select_snapshots("c,2", names)
+        snapshot_names.select("c,2", names)
 
     c = _tiny()
     c.data.snapshots = "planted_1,nope"
