@@ -1,19 +1,143 @@
-"""The whole configuration: one locked ConfigDict assembled from each module's section, and its validation.
+"""The whole configuration as data: every section's defaults, the locked config they make, experiment files.
 
 `base_config()` is what experiment files start from; because the dict is locked, a misspelled key (in a file or
 on the command line, `--config.train.lrr=1`) fails loudly instead of being silently ignored. `validate()` checks
 values against each other (batch vs mesh, features vs mesh, ...) and says how to fix each problem.
+`load_experiment("experiments/tiny.py:micro")` is the one way to read an experiment file.
+
+Nothing here imports JAX (validate does, inside, for the device count): an experiment file imports only this
+module, and building its config reads no file and starts no backend.
 """
 from __future__ import annotations
 
-import ml_collections
+import importlib.util
+import inspect
+import os
+
 from ml_collections import ConfigDict
 
-from crossjax import snapshot_names
+from crossjax import crosscoder_config, snapshot_names
 from crossjax.errors import CrossjaxError
 
 SOURCES = ("planted", "snapshots")
 COMPUTE_DTYPES = ("bfloat16", "float32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sections, one per stage (each module reads its own; the crosscoder's defaults are its dataclass's, in
+# crossjax/crosscoder_config.py, which imports no JAX either)
+
+def store_config() -> ConfigDict:
+    """The ``store`` config section (crossjax/store.py)."""
+    return ConfigDict(
+        {
+            "path": "store",  # relative paths are under the workdir; or a kvstore URL (gs://..., file://...)
+            "block_rows": 4096,  # rows per block R: one chunk file holds R rows of one snapshot
+            "dtype": "float16",  # "float16" | "bfloat16"
+        }
+    )
+
+
+def planted_config() -> ConfigDict:
+    """The ``planted`` config section (crossjax/planted.py)."""
+    return ConfigDict(
+        {
+            "num_snapshots": 8,
+            "d_model": 64,
+            "num_features": 128,  # true features F
+            "num_rows": 65536,
+            "block_rows": 4096,
+            "dtype": "float16",
+            "firing_prob": 0.02,  # each feature fires independently on a row with this probability
+            "magnitude_sigma": 0.75,  # lognormal sigma of firing magnitudes (heavy tail)
+            "noise_std": 0.05,  # isotropic Gaussian noise per coordinate
+            "drift": 0.05,  # slow direction drift per snapshot, radians
+            "persistent_fraction": 0.4,
+            "emergent_fraction": 0.3,
+            "init_decay_fraction": 0.15,
+            "transient_fraction": 0.15,
+            "rotation_fraction": 0.25,  # of the persistent features, the ones that turn sharply once
+            "rotation_angle": 60.0,  # degrees
+            "seed": 0,
+        }
+    )
+
+
+def model_config() -> ConfigDict:
+    """The `model` config section (crossjax/models/load.py)."""
+    return ConfigDict({
+        "snapshots": [],                 # snapshot names: Hub revisions (stepN) or values for {snapshot}
+        "repo": "",                      # Hub repo, e.g. EleutherAI/pythia-160m; snapshot = revision
+        "path_template": "",             # local alternative: a directory path containing {snapshot}
+        "hook": "blocks.6.hook_resid_post",
+        "dtype": "float32",
+        "allow_duplicate_weights": False,
+        "cache_dir": "",                 # Hub cache ("" = huggingface_hub's default)
+    })
+
+
+def tokens_config() -> ConfigDict:
+    """The ``tokens`` config section (crossjax/tokens.py)."""
+    return ConfigDict(
+        dict(
+            source="offline",  # offline | text | jsonl | hf_dataset
+            path="",  # file, glob or directory (text/jsonl); save_to_disk directory or dataset name (hf_dataset)
+            text_field="text",  # jsonl / hf_dataset field holding the document text
+            context_len=2048,  # T: tokens per context, BOS included
+            num_tokens=1_048_576,  # stored rows (valid token positions) to collect
+            packing=False,  # False: one document per context (paper); True: documents concatenated
+            seed=0,  # document order
+            split="train",  # offline corpus split or dataset split
+        )
+    )
+
+
+def activations_config() -> ConfigDict:
+    """The ``activations`` config section (crossjax/activations.py)."""
+    return ConfigDict(
+        dict(
+            contexts_per_batch=8,  # contexts per forward call (fixed shape: one compilation)
+            shuffle=True,  # one seeded row permutation shared by all snapshots, applied at write time
+            seed=0,  # seeds the context order and the within-group row permutations
+            shuffle_group_rows=262_144,  # rows shuffled together and held in memory at once (whole blocks)
+        )
+    )
+
+
+def suite_config(preset: str = "default") -> ConfigDict:
+    """The `suite` config section (crossjax/suite/pretrain.py). preset "default": the tiny experiment's model
+    (about 990 s of CPU time to build, so roughly 8-12 minutes on 2 idle CPU cores); "micro": a model that builds
+    in seconds, for tests."""
+    base = dict(
+        enabled=False,        # build (or reuse) the suite before generating activations
+        dir="",               # "" -> $CROSSJAX_CACHE or ~/.cache/crossjax, then suite-<fingerprint>
+        vocab_size=4096,
+        d_model=128,
+        layers=4,
+        heads=4,
+        intermediate=0,       # 0 -> 4 * d_model
+        rotary_pct=0.25,      # as Pythia
+        context_len=128,
+        batch=16,             # contexts per step
+        steps=1600,
+        lr=2e-3,
+        warmup_steps=100,
+        min_lr_frac=0.1,      # cosine decay ends at lr * min_lr_frac
+        weight_decay=0.01,
+        snapshots=[],         # explicit snapshot steps; [] -> derived from log_until and linear_snapshots
+        log_until=128,        # 0, 1, 2, 4, ..., log_until (powers of two up to steps)
+        linear_snapshots=8,   # then steps * k / linear_snapshots (k = 1..) past log_until, ending at `steps`
+        max_documents=0,      # > 0: train on an evenly spread subset of this many training documents
+        eval_contexts=64,     # fixed contexts of each split for the per-snapshot losses
+        seed=0,
+        progress=True,
+    )
+    if preset == "micro":
+        base.update(vocab_size=384, d_model=32, layers=2, heads=2, context_len=32, batch=8, steps=48, lr=3e-3,
+                    warmup_steps=4, log_until=8, linear_snapshots=4, max_documents=120, eval_contexts=16)
+    elif preset != "default":
+        raise CrossjaxError(f"Unknown suite preset {preset!r}: use 'default' or 'micro'.")
+    return ConfigDict(base)
 
 
 def data_config() -> ConfigDict:
@@ -67,8 +191,9 @@ def eval_config() -> ConfigDict:
         batch_size=0,               # 0: the training batch size (capped by the held-out rows)
         max_batches=0,              # 0: the whole held-out split
         recovery_threshold=0.9,     # planted data: a true feature counts as recovered above this cosine
-        emergence_threshold=0.25,   # planted data: normalised decoder norm that marks a learned feature as present
-                                    # (below the planted ramp's half-strength step at the emergence snapshot)
+        emergence_threshold=0.5,    # a learned feature is present at a snapshot where its decoder norm reaches this
+                                    # fraction of its peak (analysis.evolution.PRESENT): its emergence snapshot, its
+                                    # kind in the summary, and the planted recovery's emergence all use it
         presence=0.1,               # planted data: a true feature counts where its strength >= this * its peak
         spliced_tokens=0,           # model snapshots: > 0 measures, at the end, each snapshot's next-token loss with
                                     # the hook's residual replaced by the reconstruction, over about this many tokens
@@ -78,25 +203,82 @@ def eval_config() -> ConfigDict:
 
 def base_config() -> ConfigDict:
     """Every section with its defaults, locked: unknown keys raise, types are checked on assignment."""
-    from crossjax import activations, crosscoder, planted, store, tokens
-    from crossjax.models import load as model_load
-    from crossjax.suite import pretrain
-
     config = ConfigDict()
-    config.store = store.default_config()
-    config.planted = planted.default_config()
-    config.model = model_load.default_config()
-    config.tokens = tokens.default_config()
-    config.activations = activations.default_config()
-    config.suite = pretrain.default_config()
-    config.crosscoder = crosscoder.default_config()
+    config.store = store_config()
+    config.planted = planted_config()
+    config.model = model_config()
+    config.tokens = tokens_config()
+    config.activations = activations_config()
+    config.suite = suite_config()
+    config.crosscoder = crosscoder_config.default_config()  # from CrosscoderConfig's defaults
     config.data = data_config()
     config.train = train_config()
     config.mesh = mesh_config()
     config.eval = eval_config()
+    # the evaluators run at the end of every run (crossjax/evals/<name>.py, in this order); each skips itself
+    # where it does not apply (recovery: planted data only; spliced: model snapshots with eval.spliced_tokens > 0)
+    config.evals = "heldout,recovery,spliced"
     config.lock()
     return config
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experiment files
+
+def load_experiment(spec: str) -> ConfigDict:
+    """`path/to/file.py` or `path/to/file.py:variant` -> the ConfigDict its get_config(variant) returns, locked.
+
+    As ml_collections' --config flag: the path is relative to the working directory, and everything after the
+    first ':' is the variant (it may hold ':' itself). get_config() is called without an argument when no variant
+    is given. Each problem with the file raises CrossjaxError naming it and the fix.
+    """
+    path, _, variant = str(spec).partition(":")
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise CrossjaxError(f"experiment file {path!r} does not exist{where}; give the path of a Python file "
+                            "that defines get_config(), e.g. --config=experiments/synthetic.py:quick")
+    name = "crossjax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise CrossjaxError(f"experiment file {path!r} is not a Python file; give a .py file that defines get_config()")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise CrossjaxError(f"{e.filename or path} line {e.lineno} is not valid Python ({e.msg}); fix that line "
+                            "of the experiment file") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise CrossjaxError(f"experiment file {path} defines no get_config(); add `def get_config(arg=None)` "
+                            "that returns configs.base_config() with the experiment's changes")
+    args = (variant,) if variant else ()
+    try:
+        inspect.signature(get_config).bind(*args)
+    except TypeError:
+        if variant:
+            raise CrossjaxError(f"get_config() of {path} takes no variant, so {spec!r} cannot select "
+                                f"{variant!r}; give {path} alone") from None
+        raise CrossjaxError(f"get_config() of {path} needs a variant: give {path}:<variant>") from None
+    try:
+        config = get_config(*args)
+    except CrossjaxError:
+        raise
+    except ValueError as e:  # an experiment's own complaint (e.g. an unknown variant): its message as it is
+        raise CrossjaxError(str(e)) from e
+    if not isinstance(config, ConfigDict):
+        raise CrossjaxError(f"get_config() of {path} returned {type(config).__name__}, not a ConfigDict; return "
+                            "configs.base_config() with the experiment's changes")
+    config.lock()
+    return config
+
+
+def unknown_variant(variant: str, experiment: str, choices: str) -> CrossjaxError:
+    """The error an experiment file raises for a variant it does not have: `raise configs.unknown_variant(...)`."""
+    return CrossjaxError(f"unknown variant {variant!r} of {experiment}: use {choices}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
 
 def store_snapshots(config: ConfigDict) -> tuple[str, ...]:
     """The snapshot names of the store the config describes (the store is checked against these later)."""
@@ -189,15 +371,3 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
                             "change mesh.snapshot to a divisor of the snapshot count")
     if problems:
         raise CrossjaxError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def flatten(config: ConfigDict, prefix: str = "") -> dict:
-    """{'train.lr': 5e-5, ...}: dotted keys to leaf values (lists kept as lists)."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, (ConfigDict, ml_collections.FrozenConfigDict)):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out

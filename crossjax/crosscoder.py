@@ -26,7 +26,6 @@ backward decoder matmuls to float32: it has no bf16 kernel for those batched lay
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -36,12 +35,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
+from crossjax import metrics
+from crossjax.crosscoder_config import ACTIVATIONS, CrosscoderConfig  # noqa: F401 (public here too)
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write
 
-ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -50,82 +49,7 @@ Params = dict  # name -> float32 array, see the module docstring
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-@dataclasses.dataclass(frozen=True)
-class CrosscoderConfig:
-    """Static description of one crosscoder; hashable, so it can be a static argument of jit."""
-    num_snapshots: int
-    d_model: int
-    num_features: int
-    activation: str = "jumprelu"      # "jumprelu" | "relu" | "topk" | "batchtopk"
-    k: int = 32                       # topk: active features per token; batchtopk: k * B per batch
-    threshold_init: float = 0.1       # jumprelu theta at initialisation
-    jump_bandwidth: float = 4.0       # eps, width of the rectangle kernel of the theta estimator (paper: 4.0)
-    tanh_k: float = 4.0               # tanh-quad penalty stretch
-    tanh_c: float = 0.01              # tanh-quad penalty frequency scale
-    aux_k: int = 512                  # AuxK: dead features used to reconstruct the residual (topk/batchtopk)
-    aux_coef: float = 1.0 / 32.0      # AuxK loss weight
-
-    def __post_init__(self):
-        problems = []
-        for name in ("num_snapshots", "d_model", "num_features", "k", "aux_k"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name}={value!r} must be an integer >= 1")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} must be one of {ACTIVATIONS}")
-        for name in ("threshold_init", "jump_bandwidth", "tanh_k", "tanh_c"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                problems.append(f"{name}={value!r} must be a finite number > 0")
-        if not (isinstance(self.aux_coef, (int, float)) and math.isfinite(self.aux_coef) and self.aux_coef >= 0):
-            problems.append(f"aux_coef={self.aux_coef!r} must be a finite number >= 0")
-        if (self.activation in ("topk", "batchtopk") and isinstance(self.k, (int, np.integer))
-                and isinstance(self.num_features, (int, np.integer)) and self.k > self.num_features):
-            problems.append(f"k={self.k} exceeds num_features={self.num_features}; lower crosscoder.k")
-        if problems:
-            raise CrossjaxError("invalid crosscoder config: " + "; ".join(problems))
-
-    @classmethod
-    def from_config(cls, section: ConfigDict, *, num_snapshots: int, d_model: int) -> "CrosscoderConfig":
-        """From the `crosscoder` config section plus the data's S and D (init_norm is the trainer's business)."""
-        init_norm = float(section.init_norm)
-        if not (init_norm == -1.0 or (math.isfinite(init_norm) and init_norm > 0)):
-            raise CrossjaxError(f"crosscoder.init_norm={init_norm} must be > 0, or -1 to grid-search it")
-        return cls(num_snapshots=int(num_snapshots), d_model=int(d_model),
-                   num_features=int(section.num_features), activation=str(section.activation), k=int(section.k),
-                   threshold_init=float(section.threshold_init), jump_bandwidth=float(section.jump_bandwidth),
-                   tanh_k=float(section.tanh_k), tanh_c=float(section.tanh_c), aux_k=int(section.aux_k),
-                   aux_coef=float(section.aux_coef))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CrosscoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CrossjaxError(f"unknown crosscoder config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(d))
-
-
-def default_config() -> ConfigDict:
-    """The `crosscoder` config section; defaults are the paper's Pythia-160M run (PAPER.md)."""
-    return ConfigDict(dict(
-        num_features=24576,       # F (expansion 32 at d_model 768)
-        activation="jumprelu",    # "jumprelu" | "relu" | "topk" | "batchtopk"
-        k=32,                     # topk/batchtopk: active features per token
-        threshold_init=0.1,       # jumprelu theta at initialisation
-        jump_bandwidth=4.0,       # rectangle-kernel width of the theta straight-through estimator
-        tanh_k=4.0,               # tanh-quad penalty: sum_i p_i (1 + p_i / c), p_i = mean tanh(k f n)
-        tanh_c=0.01,
-        aux_k=512,                # AuxK against dead features (topk/batchtopk)
-        aux_coef=1.0 / 32.0,
-        init_norm=-1.0,           # initial decoder row norm; -1 = grid search on the first batch
-    ))
-
+# Parameters
 
 def param_shapes(cfg: CrosscoderConfig) -> dict[str, tuple[int, ...]]:
     s, d, f = cfg.num_snapshots, cfg.d_model, cfg.num_features
@@ -382,8 +306,8 @@ def loss_fn(params: Params, x: jax.Array, cfg: CrosscoderConfig, *, sparsity_coe
     aux (all float32 unless noted; sums and means are over this batch only):
       mse_per_snapshot [S], mse, sparsity, sparsity_term, aux_loss, aux_term, loss,
       l0_per_snapshot [S] (mean active features per token), fired [F] bool (active anywhere in the batch),
-      sse [S] = sum_b ||x-xhat||^2, x_sum [S,D], x_sq_sum [S] = sum_b ||x||^2, legacy_sum [S] =
-      sum_b ||x-xhat||^2 / ||x||^2, count (rows) -- the sums metrics.EVAccumulator adds up exactly.
+      and metrics.batch_sums(x, xhat): sse [S], x_sum [S,D], x_sq_sum [S], legacy_sum [S], count (rows), the
+      sums metrics.EVAccumulator adds up exactly.
     """
     _check_params(params, cfg)
     _check_batch(x, cfg)
@@ -418,16 +342,12 @@ def loss_fn(params: Params, x: jax.Array, cfg: CrosscoderConfig, *, sparsity_coe
         active = sg(acts) > 0                                                              # [B,F]
         l0 = jnp.broadcast_to(jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32)), (cfg.num_snapshots,))
         fired = jnp.any(active, axis=0)
-    x_sq = jnp.sum(jnp.square(xf), axis=-1)                                # [B,S]
-    sq = sg(sq)
     aux = {
         "loss": sg(loss), "mse": sg(mse), "mse_per_snapshot": sg(mse_per_snapshot),
         "sparsity": sg(sparsity), "sparsity_term": sg(sparsity_term),
         "aux_loss": sg(aux_loss), "aux_term": sg(aux_term),
         "l0_per_snapshot": l0, "fired": fired,
-        "sse": jnp.sum(sq, axis=0), "x_sum": jnp.sum(xf, axis=0), "x_sq_sum": jnp.sum(x_sq, axis=0),
-        "legacy_sum": jnp.sum(sq / jnp.maximum(x_sq, 1e-30), axis=0),
-        "count": jnp.asarray(x.shape[0], jnp.float32),
+        **metrics.batch_sums(sg(xf), sg(xhat)),
     }
     return loss, aux
 

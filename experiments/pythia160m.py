@@ -13,7 +13,6 @@ activation stage, a progress bar with tokens/s, and at the end the held-out expl
 summary, metrics, tensorboard logs and exported weights are. The paper reports about EV 0.92 at L0 40 (x32).
 """
 from crossjax import configs
-from crossjax.errors import CrossjaxError
 
 # Hugging Face revisions stepN used in the paper (32 snapshots).
 SNAPSHOT_STEPS = (
@@ -28,7 +27,7 @@ EXPANSIONS = {"x32": 32, "x64": 64, "x128": 128}
 def get_config(arg: str | None = None):
     variant = arg or "x32"
     if variant not in EXPANSIONS:
-        raise CrossjaxError(f"unknown variant {variant!r} of pythia160m.py: use one of {sorted(EXPANSIONS)}")
+        raise configs.unknown_variant(variant, "pythia160m.py", f"one of {sorted(EXPANSIONS)}")
     config = configs.base_config()
 
     config.data.source = "snapshots"

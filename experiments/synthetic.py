@@ -18,7 +18,6 @@ rows; about 1.5-6 minutes on 2 CPU cores, printing held-out EV 0.9470, mean max 
 tests).
 """
 from crossjax import configs
-from crossjax.errors import CrossjaxError
 
 
 def get_config(arg: str | None = None):
@@ -74,5 +73,5 @@ def get_config(arg: str | None = None):
         t.heldout_blocks = 1
         t.progress = False
     else:
-        raise CrossjaxError(f"unknown variant {variant!r} of synthetic.py: use quick, default or tiny")
+        raise configs.unknown_variant(variant, "synthetic.py", "quick, default or tiny")
     return config

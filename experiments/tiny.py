@@ -26,12 +26,11 @@ The first run took 11 minutes on this project's 2-core development machine, inst
 minutes); later runs reuse the suite. Variant `micro` (`experiments/tiny.py:micro`) is the same pipeline at toy
 sizes (a suite that builds in seconds, 4 snapshots, 4096 tokens): the end-to-end test in tests/test_suite.py runs it.
 
-The suite directory and the snapshot paths are derived from the suite settings when get_config runs: to change
-the suite from the command line, also set --config.model.path_template (the error message says to what).
+get_config leaves model.path_template empty: before any stage runs, the pipeline points it at the suite's
+directory, derived from the suite settings as they are after command-line overrides, and checks that
+model.snapshots are among the snapshots that suite saves (so --config.suite.* overrides need nothing else).
 """
 from crossjax import configs
-from crossjax.errors import CrossjaxError
-from crossjax.suite import pretrain
 
 # Snapshots of the default suite used by the crosscoder: the doubling phase thinned out, then the linear phase.
 DEFAULT_SNAPSHOTS = (0, 4, 16, 32, 64, 128, 200, 400, 600, 800, 1200, 1600)
@@ -41,18 +40,16 @@ MICRO_SNAPSHOTS = (0, 4, 12, 48)
 def get_config(arg: str | None = None):
     variant = arg or "default"
     if variant not in ("default", "micro"):
-        raise CrossjaxError(f"unknown variant {variant!r} of tiny.py: use default or micro")
+        raise configs.unknown_variant(variant, "tiny.py", "default or micro")
     config = configs.base_config()
     micro = variant == "micro"
 
-    config.suite.update(pretrain.default_config("micro" if micro else "default"))  # keeps the section locked
+    config.suite.update(configs.suite_config("micro" if micro else "default"))  # keeps the section locked
     config.suite.enabled = True
     steps = MICRO_SNAPSHOTS if micro else DEFAULT_SNAPSHOTS
-    assert set(f"step{n}" for n in steps) <= set(pretrain.snapshot_names(config.suite))
 
     config.data.source = "snapshots"
     config.data.d_model = config.suite.d_model
-    config.model.path_template = str(pretrain.suite_dir(config.suite) / "{snapshot}")
     config.model.snapshots = [f"step{n}" for n in steps]
     # The middle of the model: the residual stream after the first half of the blocks.
     config.model.hook = f"blocks.{config.suite.layers // 2 - 1}.hook_resid_post"

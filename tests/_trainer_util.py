@@ -1,18 +1,17 @@
 """Shared helpers of the trainer tests: the tiny synthetic config and readers of a finished workdir."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 
+from crossjax import configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def experiment(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    """experiments/<name>.py[:arg], as --config reads it."""
+    return configs.load_experiment(os.path.join(ROOT, "experiments", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def tiny_config(store_path: str, **overrides):
@@ -47,6 +46,6 @@ def exported(workdir) -> dict[str, np.ndarray]:
     return load_file(os.path.join(workdir, "export", "model.safetensors"))
 
 
-def summary(workdir) -> dict:
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
+def summary(workdir):
+    from crossjax.summary import RunSummary
+    return RunSummary.read(workdir)

@@ -1,41 +1,124 @@
-"""crossjax.configs: the locked base config, validation messages, and the experiment files."""
-import importlib.util
+"""crossjax.configs: the locked base config, validation messages, and reading the experiment files."""
+import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
+from _trainer_util import ROOT, experiment
 
 from crossjax import configs, sharding, trainer
 from crossjax.errors import CrossjaxError
+from crossjax.models import gpt_neox
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every shipped experiment with each variant its docstring names (None: get_config() without one).
+VARIANTS = {"synthetic": (None, "quick", "default", "tiny"), "tiny": (None, "default", "micro"),
+            "pythia160m": (None, "x32", "x64", "x128")}
+HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "tensorstore", "transformers", "torch")
 
 
-def _experiment(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+def _specs() -> list[str]:
+    return [f"experiments/{name}.py" + (f":{v}" if v else "") for name, vs in VARIANTS.items() for v in vs]
 
 
 def test_base_config_has_every_section_and_is_locked():
     c = configs.base_config()
     assert set(c.keys()) == {"store", "planted", "model", "tokens", "activations", "suite", "crosscoder",
-                             "data", "train", "mesh", "eval"}
-    # PAPER.md defaults
-    assert (c.train.batch_size, c.train.lr, c.train.threshold_lr_scale) == (4096, 5e-5, 0.1)
-    assert (c.train.b1, c.train.b2, c.train.cooldown_frac, c.train.sparsity_coef) == (0.9, 0.999, 0.2, 0.3)
-    assert c.train.sparsity_warmup_frac == 0.1
-    assert (c.mesh.data, c.mesh.snapshot, c.mesh.feature) == (-1, 1, 1)
+                             "data", "train", "mesh", "eval", "evals"}
+    # The defaults are the paper's run (PAPER.md): its experiment keeps every optimisation and crosscoder default.
+    paper = experiment("pythia160m")
+    optimisation = ("batch_size", "lr", "threshold_lr_scale", "b1", "b2", "warmup_steps", "cooldown_frac",
+                    "sparsity_coef", "sparsity_warmup_frac", "compute_dtype")
+    assert {k: paper.train[k] for k in optimisation} == {k: c.train[k] for k in optimisation}
+    assert paper.crosscoder.to_dict() == c.crosscoder.to_dict()
+    # By default every device goes to the data axis.
+    assert sharding.mesh_shape(c.mesh, 8) == (8, 1, 1) and sharding.mesh_shape(c.mesh, 1) == (1, 1, 1)
     with pytest.raises(AttributeError) as e:
         c.train.lrr = 1
     assert 'Did you mean "lr"' in str(e.value) and "batch_size" in str(e.value) and "heldout_blocks" in str(e.value)
     with pytest.raises(TypeError):
         c.train.batch_size = "many"  # types are checked on assignment too
+
+
+def test_suite_presets_and_a_typo():
+    micro, default = configs.suite_config("micro"), configs.suite_config("default")
+    assert micro.keys() == default.keys() and micro.d_model < default.d_model and micro.steps < default.steps
+    assert configs.base_config().suite.to_dict() == default.to_dict()
+    with pytest.raises(CrossjaxError, match="Unknown suite preset 'big': use 'default' or 'micro'"):
+        configs.suite_config("big")
+
+
+def test_experiments_build_their_configs_without_jax_or_io():
+    """Loading every experiment and variant imports no JAX, Flax, tensorstore or transformers (in a fresh process:
+    this one imported JAX in conftest)."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        from crossjax import configs
+        loaded = [configs.load_experiment(spec).to_json_best_effort() for spec in {_specs()!r}]
+        heavy = sorted({{m for m in sys.modules if m.split(".")[0] in {HEAVY!r}}})
+        print(json.dumps(dict(loaded=len(loaded), heavy=heavy)))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == dict(loaded=len(_specs()), heavy=[])
+
+
+@pytest.mark.parametrize("variant", ["default", "micro"])
+def test_tiny_leaves_the_suite_paths_to_the_pipeline(variant):
+    from crossjax.suite import pretrain
+
+    c = experiment("tiny", variant)
+    assert c.suite.enabled and c.model.path_template == ""
+    assert set(c.model.snapshots) <= set(pretrain.snapshot_names(c.suite))  # the snapshots its suite saves
+    assert c.data.d_model == c.suite.d_model and c.tokens.context_len == c.suite.context_len
+
+
+def test_load_experiment_names_each_problem_and_its_fix(tmp_path):
+    def write(name, text):
+        (tmp_path / name).write_text(textwrap.dedent(text))
+        return str(tmp_path / name)
+
+    with pytest.raises(CrossjaxError, match="experiment file .*nope.py' does not exist"):
+        configs.load_experiment(str(tmp_path / "nope.py") + ":quick")
+    broken = write("broken.py", """\
+        from crossjax import configs
+
+        def get_config(arg=None)
+            return configs.base_config()
+    """)
+    with pytest.raises(CrossjaxError, match=r"broken.py line 3 is not valid Python"):
+        configs.load_experiment(broken)
+    with pytest.raises(CrossjaxError, match="defines no get_config"):
+        configs.load_experiment(write("empty.py", "X = 1\n"))
+    with pytest.raises(CrossjaxError, match="returned dict, not a ConfigDict"):
+        configs.load_experiment(write("plain.py", "def get_config(arg=None):\n    return {'train': {}}\n"))
+    no_variant = write("fixed.py", "from crossjax import configs\n\ndef get_config():\n    return configs.base_config()\n")
+    assert configs.load_experiment(no_variant).train.lr == configs.base_config().train.lr
+    with pytest.raises(CrossjaxError, match="takes no variant"):
+        configs.load_experiment(no_variant + ":x")
+    with pytest.raises(CrossjaxError, match="needs a variant"):
+        configs.load_experiment(write("needs.py", "def get_config(arg):\n    raise AssertionError\n"))
+    with pytest.raises(CrossjaxError, match="^no such size 'x'$"):  # an experiment's ValueError, as it is
+        configs.load_experiment(write("sizes.py", "def get_config(arg):\n    raise ValueError(f'no such size {arg!r}')\n")
+                                + ":x")
+
+
+def test_a_variant_typo_keeps_the_experiments_message():
+    for name, choices in [("synthetic", "quick, default or tiny"), ("tiny", "default or micro"),
+                          ("pythia160m", "one of ['x128', 'x32', 'x64']")]:
+        with pytest.raises(CrossjaxError) as e:
+            experiment(name, "nope")
+        assert str(e.value) == f"unknown variant 'nope' of {name}.py: use {choices}"
+
+
+def test_the_variant_is_everything_after_the_first_colon():
+    """As the --config flag reads it: tests/_activations_config.py:<root>:<store>."""
+    c = configs.load_experiment(os.path.join(ROOT, "tests", "_activations_config.py") + ":/r:/s")
+    assert c.model.path_template == os.path.join("/r", "{snapshot}") and c.store.path == "/s"
 
 
 def test_unknown_key_on_the_command_line_fails_with_the_valid_keys(tmp_path):
@@ -49,10 +132,9 @@ def test_unknown_key_on_the_command_line_fails_with_the_valid_keys(tmp_path):
 
 
 def test_validate_accepts_the_shipped_experiments():
-    for name, arg in [("synthetic", "quick"), ("synthetic", "tiny"), ("synthetic", "default"), ("pythia160m", None)]:
-        configs.validate(_experiment(name, arg), num_devices=8)
-    with pytest.raises(CrossjaxError, match="unknown variant"):
-        _experiment("synthetic", "nope")
+    for name, variants in VARIANTS.items():
+        for variant in variants:
+            configs.validate(experiment(name, variant), num_devices=8)
 
 
 @pytest.mark.parametrize("edit,fragment", [
@@ -70,7 +152,7 @@ def test_validate_accepts_the_shipped_experiments():
      "needs a snapshot list"),
 ])
 def test_validate_names_each_problem_and_its_fix(edit, fragment):
-    c = _experiment("synthetic", "tiny")
+    c = experiment("synthetic", "tiny")
     edit(c)
     with pytest.raises(CrossjaxError) as e:
         configs.validate(c, num_devices=8)
@@ -78,7 +160,7 @@ def test_validate_names_each_problem_and_its_fix(edit, fragment):
 
 
 def test_validate_lists_all_problems_at_once():
-    c = _experiment("synthetic", "tiny")
+    c = experiment("synthetic", "tiny")
     c.train.batch_size = 100
     c.train.lr = -1.0
     with pytest.raises(CrossjaxError) as e:
@@ -86,16 +168,22 @@ def test_validate_lists_all_problems_at_once():
     assert "batch_size=100" in str(e.value) and "train.lr=-1.0" in str(e.value)
 
 
-def test_pythia160m_matches_the_paper_and_builds_its_abstract_state():
-    c = _experiment("pythia160m")
-    assert len(c.model.snapshots) == 32 and c.model.snapshots[0] == "step0" and c.model.snapshots[-1] == "step143000"
-    assert c.model.snapshots[10] == "step1000" and c.model.repo == "EleutherAI/pythia-160m"
-    assert c.model.hook == "blocks.6.hook_resid_post" and c.crosscoder.num_features == 24576
-    assert (c.train.lr, c.train.batch_size, c.train.sparsity_coef, c.train.compute_dtype) == (5e-5, 4096, 0.3,
-                                                                                             "bfloat16")
+def test_pythia160m_fits_pythia_and_builds_the_papers_abstract_state():
+    c = experiment("pythia160m")
+    steps = [int(name.removeprefix("step")) for name in c.model.snapshots]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 143000  # revisions in training order
+    assert c.model.repo == "EleutherAI/pythia-160m"
+    # Pythia-160m's architecture: the hook is the paper's layer 6, the contexts fit its positions, D is its width.
+    pythia = gpt_neox.NeoXConfig(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
+                                 intermediate_size=3072, max_position_embeddings=2048)
+    assert gpt_neox.parse_hook(pythia, c.model.hook) == (6, "hook_resid_post")
+    gpt_neox.validate_context_len(pythia, c.tokens.context_len)
+    assert c.data.d_model == pythia.hidden_size
     steps = math.ceil(c.train.num_tokens / c.train.batch_size)
-    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=32, d_model=c.data.d_model, total_steps=steps)
+    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=configs.num_snapshots(c), d_model=c.data.d_model,
+                                                 total_steps=steps)
     p = state["params"]
+    # the paper's crosscoder: 32 snapshots, d_model 768, F = 24,576 (expansion 32)
     assert p["W_enc"].shape == (32, 768, 24576) and p["W_dec"].shape == (32, 24576, 768)
     assert p["b_dec"].shape == (32, 768) and p["b_enc"].shape == (24576,) and p["log_threshold"].shape == (24576,)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))  # nothing allocated
