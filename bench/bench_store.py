@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from crossjax import planted
+from crossjax import configs, planted
 from crossjax.store import ActivationStore
 
 
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--block_rows", type=int, default=4096)
     p.add_argument("--window_blocks", type=int, default=4)
     a = p.parse_args()
-    cfg = planted.default_config()
+    cfg = configs.planted_config()
     cfg.update(num_rows=a.rows, d_model=a.d_model, num_snapshots=a.snapshots, block_rows=a.block_rows,
                num_features=2 * a.d_model)
     mb = a.rows * a.snapshots * a.d_model * 2 / 1e6

@@ -1,21 +1,8 @@
 """The grain pipeline over the activation store: shuffled, per-host batches as global ``jax.Array``s.
 
-Order of rows (a pure function of the seed, the selected blocks, the global batch, ``window_blocks`` and
-``streams``; not of timing, and not of the process count once ``streams`` is set):
-
-1. Epoch ``e`` permutes the selected blocks with a generator seeded by ``(seed, e)``.
-2. The permuted blocks are dealt round-robin to ``streams`` read streams (stream ``g`` takes every
-   ``streams``-th block starting at ``g``), and each stream groups its blocks into windows of
-   ``window_blocks`` blocks. A window is read with one ``store.read_blocks`` call (a few large reads).
-3. A window's rows are permuted with a generator seeded by ``(seed, e, g, w)``; a stream is its windows'
-   permuted rows one after the other, cut into pieces of ``global_batch / streams`` rows (a piece may take the
-   tail of one window and the head of the next, so no row is lost between windows).
-4. Global batch ``k`` of an epoch is the concatenation of piece ``k`` of every stream, stream 0 first.
-
-Epoch end rule: every epoch has the same number of batches, ``batches_per_epoch``, the number of whole pieces
-the shortest stream can hold in any epoch. Rows a stream holds beyond that are skipped for this epoch: fewer
-than one piece plus two blocks per stream, and none when every stream holds the same multiple of the piece
-size. The next epoch's permutation is new, so other rows are skipped then. Within an epoch no row repeats.
+Which rows form which batch (the seeded order and the epoch end rule) is :mod:`crossjax.batch_order`; reading
+windows in the background and building this process's rows of a batch is :mod:`crossjax.batch_assembly`. This
+module checks the settings, works out which rows and snapshots this process holds, and yields the batches.
 
 Per-host reading: a process builds only the rows of the global batch that its devices hold (from
 ``sharding``), so with the usual ``P('data', 'snapshot', None)`` and ``streams`` a multiple of the process
@@ -29,14 +16,8 @@ grain's prefetch thread assembles the next ``prefetch`` batches while the traini
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import dataclasses
-import functools
-import hashlib
 import math
 import sys
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,201 +26,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from crossjax.batch_assembly import TOKEN_KEYS, LocalBatch, WindowCache
+from crossjax.batch_order import BatchOrder
 from crossjax.errors import CrossjaxError
-from crossjax.store import ActivationStore, IncompleteStoreError
+from crossjax.snapshot_names import index_of
+from crossjax.store import ActivationStore
 
-TOKEN_KEYS = ("token_ids", "context_ids", "positions")
 _STATE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The order: which rows form which batch (pure numpy, no I/O)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StreamEpoch:
-    windows: tuple[tuple[int, ...], ...]  # block ids of each window, in read order
-    offsets: np.ndarray  # [num_windows + 1] first stream position of each window; offsets[-1] = stream rows
-
-
-class _Order:
-    """Maps (epoch, batch, stream, positions in the stream's piece) to (window, row within the window)."""
-
-    def __init__(self, blocks: np.ndarray, block_rows: int, num_rows: int, *, global_batch: int, streams: int,
-                 window_blocks: int, seed: int):
-        self.blocks = blocks
-        self.block_rows = block_rows
-        self.num_rows = num_rows
-        self.streams = streams
-        self.window_blocks = window_blocks
-        self.seed = seed
-        self.piece = global_batch // streams  # rows each stream gives to one global batch
-        self.batches_per_epoch = self._min_stream_rows() // self.piece
-
-    def block_len(self, block: int) -> int:
-        return min((block + 1) * self.block_rows, self.num_rows) - block * self.block_rows
-
-    def _min_stream_rows(self) -> int:
-        """Rows of the smallest stream in the worst epoch (the store's short last block in the smallest stream)."""
-        n = len(self.blocks)
-        smallest = n // self.streams  # blocks in the smallest stream
-        short = self.block_rows - self.block_len(int(self.blocks.max()))  # > 0 only if the short last block is selected
-        return smallest * self.block_rows - (short if smallest else 0)
-
-    @functools.lru_cache(maxsize=4)
-    def epoch(self, epoch: int) -> tuple[_StreamEpoch, ...]:
-        rng = np.random.default_rng([self.seed, epoch, 0])
-        order = self.blocks[rng.permutation(len(self.blocks))]
-        out = []
-        w = self.window_blocks
-        for g in range(self.streams):
-            mine = order[g :: self.streams]
-            windows = tuple(tuple(int(b) for b in mine[i : i + w]) for i in range(0, len(mine), w))
-            sizes = [sum(self.block_len(b) for b in win) for win in windows]
-            out.append(_StreamEpoch(windows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)))
-        return tuple(out)
-
-    def window_perm(self, epoch: int, stream: int, window: int, n: int) -> np.ndarray:
-        """The shuffle of a window's rows: position j of the window's stream slice is row perm[j] of the window."""
-        return np.random.default_rng([self.seed, epoch, 1, stream, window]).permutation(n)
-
-    def locate(self, epoch: int, batch: int, stream: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions ``pos`` [n] of the stream's piece of ``batch`` -> (window index [n], stream offset in it [n])."""
-        offsets = self.epoch(epoch)[stream].offsets
-        at = batch * self.piece + pos
-        win = np.searchsorted(offsets, at, side="right") - 1
-        return win, at - offsets[win]
-
-    def describe(self) -> dict:
-        """JSON-able settings that fix the order; a saved state only fits a loader with equal settings."""
-        digest = hashlib.sha256(np.asarray(self.blocks, np.int64).tobytes()).hexdigest()[:16]
-        return {
-            "seed": self.seed,
-            "global_batch": self.piece * self.streams,
-            "streams": self.streams,
-            "window_blocks": self.window_blocks,
-            "num_rows": self.num_rows,
-            "block_rows": self.block_rows,
-            "blocks": {"count": len(self.blocks), "first": int(self.blocks[0]), "last": int(self.blocks[-1]),
-                       "sha256": digest},
-        }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Windows: read in the background, kept until every batch that needs them is built
-
-
-@dataclasses.dataclass
-class _Window:
-    acts: np.ndarray  # [n, S, D] rows of the window's blocks in window order, storage dtype
-    tokens: dict[str, np.ndarray] | None  # TOKEN_KEYS -> [n] int32
-    perm: np.ndarray  # [n] the window's row shuffle
-
-
-class _WindowCache:
-    """Windows keyed by (epoch, stream, window); reads run on a small thread pool so they overlap training."""
-
-    def __init__(self, store: ActivationStore, order: _Order, with_tokens: bool, threads: int = 2):
-        self._store = store
-        self._order = order
-        self._with_tokens = with_tokens
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="crossjax-window")
-        self._lock = threading.Lock()
-        self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
-        # Block tuples of the windows requested, oldest first (for tests and logs); bounded for endless runs.
-        self.reads: collections.deque[tuple[int, ...]] = collections.deque(maxlen=100_000)
-
-    def _read(self, key: tuple[int, int, int]) -> _Window:
-        epoch, stream, window = key
-        blocks = self._order.epoch(epoch)[stream].windows[window]
-        acts = self._store.read_blocks(blocks)
-        tokens = None
-        if self._with_tokens:
-            parts = [self._store.read_tokens(*self._store.block_range(b)) for b in blocks]
-            tokens = {k: np.concatenate([p[k] for p in parts]) for k in TOKEN_KEYS}
-        return _Window(acts, tokens, self._order.window_perm(epoch, stream, window, len(acts)))
-
-    def request(self, key: tuple[int, int, int]) -> concurrent.futures.Future:
-        with self._lock:
-            fut = self._futures.get(key)
-            if fut is None:
-                self.reads.append(self._order.epoch(key[0])[key[1]].windows[key[2]])
-                fut = self._futures[key] = self._pool.submit(self._read, key)
-            return fut
-
-    def get(self, key: tuple[int, int, int]) -> _Window:
-        return self.request(key).result()
-
-    def drop_before(self, stream: int, epoch: int, window: int) -> None:
-        """Forget this stream's windows that come before (epoch, window): batches are built in order."""
-        with self._lock:
-            for key in [k for k in self._futures if k[1] == stream and (k[0], k[2]) < (epoch, window)]:
-                del self._futures[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            for fut in self._futures.values():
-                fut.cancel()
-            self._futures.clear()
-
-    def close(self) -> None:
-        self.clear()
-        if not sys.is_finalizing():  # at interpreter exit the pool's own atexit hook joins its threads
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One process's part of a batch
-
-
-class _LocalBatch:
-    """Global step -> this process's part of that global batch, as numpy (the grain map function)."""
-
-    def __init__(self, order: _Order, windows: _WindowCache, rows: np.ndarray, snapshots: np.ndarray | None,
-                 num_epochs: int | None, with_tokens: bool):
-        self._order = order
-        self._windows = windows
-        self._snapshots = snapshots  # None: all snapshots
-        self._num_epochs = num_epochs
-        self._with_tokens = with_tokens
-        piece = order.piece
-        # Local rows grouped by stream: (stream, positions in its piece [n], where they go in the local batch [n]).
-        self._parts = []
-        for g in np.unique(rows // piece):
-            dest = np.flatnonzero(rows // piece == g)
-            self._parts.append((int(g), rows[dest] - g * piece, dest))
-        self.num_rows = len(rows)
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, batch = divmod(int(step), self._order.batches_per_epoch)
-        out: dict[str, np.ndarray] | None = None
-        for g, pos, dest in self._parts:
-            win, at = self._order.locate(epoch, batch, g, pos)
-            for w in np.unique(win):
-                window = self._windows.get((epoch, g, int(w)))
-                sel = win == w
-                rows = window.perm[at[sel]]
-                acts = window.acts[rows] if self._snapshots is None else window.acts[np.ix_(rows, self._snapshots)]
-                if out is None:
-                    out = {"acts": np.empty((self.num_rows,) + acts.shape[1:], acts.dtype)}
-                    if self._with_tokens:
-                        out.update({k: np.empty(self.num_rows, np.int32) for k in TOKEN_KEYS})
-                out["acts"][dest[sel]] = acts
-                if self._with_tokens:
-                    for k in TOKEN_KEYS:
-                        out[k][dest[sel]] = window.tokens[k][rows]
-            self._windows.drop_before(g, epoch, int(win.min()))
-            self._prefetch_after(epoch, batch, g, int(win.max()))
-        return out
-
-    def _prefetch_after(self, epoch: int, batch: int, stream: int, window: int) -> None:
-        """Start reading the window this stream needs after ``window`` (possibly the next epoch's first)."""
-        s = self._order.epoch(epoch)[stream]
-        used = self._order.batches_per_epoch * self._order.piece  # stream rows used per epoch
-        if window + 1 < len(s.windows) and s.offsets[window + 1] < used:
-            self._windows.request((epoch, stream, window + 1))
-        elif self._num_epochs is None or epoch + 1 < self._num_epochs:
-            self._windows.request((epoch + 1, stream, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +48,7 @@ class BatchLoader(grain.DatasetIterator):
     would have come next. Build it with :func:`make_loader`.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, *, order: _Order, windows: _WindowCache,
+    def __init__(self, parent: grain.DatasetIterator, *, order: BatchOrder, windows: WindowCache,
                  sharding: jax.sharding.Sharding | None, token_sharding: jax.sharding.Sharding | None,
                  global_shape: tuple[int, int, int], local_rows: np.ndarray, num_epochs: int | None):
         super().__init__(parent)
@@ -378,23 +171,6 @@ def _select_blocks(store: ActivationStore, blocks: Iterable[int] | None) -> np.n
     return np.array(sorted(sel), dtype=np.int64)
 
 
-def _check_complete(store: ActivationStore, blocks: np.ndarray, with_tokens: bool) -> None:
-    if store.is_complete():
-        return
-    wanted = set(int(b) for b in blocks)
-    missing = [(b, s) for b, s in store.missing_units() if b in wanted and (s is not None or with_tokens)]
-    if not missing:
-        return
-    names = [f"block {b} " + ("tokens" if s is None else f"snapshot {store.meta.snapshots[s]}") for b, s in missing]
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    fill = ("crossjax.planted.generate_planted(url, cfg) again" if store.meta.model == "planted"
-            else "python -m crossjax.activations --config=<your config> --workdir=<your workdir>")
-    raise IncompleteStoreError(
-        f"{store.url} is incomplete: {len(names)} unit(s) of the selected blocks are not written "
-        f"({', '.join(names[:8])}{more}). Fill them with {fill}; it redoes only the missing units."
-    )
-
-
 def _axis_size(sharding: jax.sharding.Sharding, dim: int) -> int:
     spec = sharding.spec
     entry = spec[dim] if dim < len(spec) else None
@@ -452,16 +228,23 @@ def _process_indices(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) ->
     return out
 
 
-def _select_snapshots(meta, snapshots: Sequence[int] | None) -> np.ndarray:
+def _select_snapshots(meta, snapshots: Sequence[int | str] | None) -> np.ndarray:
     """Validated indices of the snapshots to deliver (all, in store order, when None)."""
     if snapshots is None:
         return np.arange(meta.num_snapshots)
-    subset = np.asarray(list(snapshots), dtype=np.int64)
-    if subset.ndim != 1 or subset.size == 0 or len(set(subset.tolist())) != subset.size or \
-            subset.min() < 0 or subset.max() >= meta.num_snapshots:
-        raise CrossjaxError(f"snapshots={list(snapshots)} must be distinct indices in [0, {meta.num_snapshots}) of the "
-                            f"store's snapshots {list(meta.snapshots)}.")
-    return subset
+    given = list(snapshots)
+    subset, unknown = [], []
+    for s in given:
+        try:
+            subset.append(index_of(s, meta.snapshots))
+        except CrossjaxError:
+            unknown.append(s)
+    problem = ("none is given" if not given else f"{unknown} are not one of them" if unknown
+               else "some snapshot is listed twice" if len(set(subset)) != len(subset) else "")
+    if problem:
+        raise CrossjaxError(f"snapshots={given} must be distinct indices in [0, {meta.num_snapshots}) or names of "
+                            f"the store's snapshots {list(meta.snapshots)}: {problem}.")
+    return np.asarray(subset, dtype=np.int64)
 
 
 def make_loader(
@@ -476,9 +259,9 @@ def make_loader(
     with_tokens: bool = False,
     streams: int | None = None,
     prefetch: int = 2,
-    snapshots: Sequence[int] | None = None,
+    snapshots: Sequence[int | str] | None = None,
 ) -> BatchLoader:
-    """A :class:`BatchLoader` over ``store`` (see the module docstring for the order and the epoch end rule).
+    """A :class:`BatchLoader` over ``store`` (the order and the epoch end rule: :mod:`crossjax.batch_order`).
 
     Args:
       store: a complete (at least over ``blocks``) :class:`~crossjax.store.ActivationStore`.
@@ -496,8 +279,8 @@ def make_loader(
       with_tokens: also yield ``token_ids``, ``context_ids``, ``positions`` ``[B]`` int32.
       streams: independent read streams the global batch is assembled from (default: the process count).
       prefetch: batches grain assembles ahead in a background thread (0: build each batch on demand).
-      snapshots: indices of the store's snapshots to deliver, in this order (e.g. ``[3]`` for a one-snapshot SAE);
-        all if None. S below is their count.
+      snapshots: the store's snapshots to deliver (indices or names), in this order (e.g. ``[3]`` for a
+        one-snapshot SAE); all if None. S below is their count.
 
     Returns:
       BatchLoader yielding ``{"acts": [B, S, D]}`` in the storage dtype (+ token arrays ``[B]``).
@@ -525,16 +308,16 @@ def make_loader(
     token_sharding = None if sharding is None else _check_sharding(sharding, shape, with_tokens)
 
     sel = _select_blocks(store, blocks)
-    order = _Order(sel, meta.block_rows, meta.num_rows, global_batch=global_batch, streams=streams,
-                   window_blocks=window_blocks, seed=seed)
+    order = BatchOrder(sel, meta.block_rows, meta.num_rows, global_batch=global_batch, streams=streams,
+                       window_blocks=window_blocks, seed=seed)
     if order.batches_per_epoch == 0:
         rows = sum(order.block_len(int(b)) for b in sel)
         raise CrossjaxError(
             f"global_batch={global_batch} is larger than the data: {len(sel)} selected block(s) hold {rows} rows, "
             f"and each of the {streams} stream(s) must give {order.piece} rows per batch but the smallest holds "
-            f"{order._min_stream_rows()}. Lower global_batch, select more blocks, or use fewer streams."
+            f"{order.min_stream_rows()}. Lower global_batch, select more blocks, or use fewer streams."
         )
-    _check_complete(store, sel, with_tokens)
+    store.require_complete(sel, tokens=with_tokens)
 
     if sharding is None:
         per = global_batch // procs
@@ -549,11 +332,11 @@ def make_loader(
     if np.array_equal(snaps, np.arange(meta.num_snapshots)):
         snaps = None  # every snapshot in store order: no gather needed
 
-    windows = _WindowCache(store, order, with_tokens)
+    windows = WindowCache(store, order, with_tokens)
     total = sys.maxsize if num_epochs is None else num_epochs * order.batches_per_epoch
     dataset = (
         grain.MapDataset.range(total)
-        .map(_LocalBatch(order, windows, rows, snaps, num_epochs, with_tokens))
+        .map(LocalBatch(order, windows, rows, snaps, num_epochs, with_tokens))
         .to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
     )
     return BatchLoader(iter(dataset), order=order, windows=windows, sharding=sharding, token_sharding=token_sharding,

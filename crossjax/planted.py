@@ -28,11 +28,11 @@ import json
 import math
 import zipfile
 from collections.abc import Mapping
-from typing import Any
 
 import ml_collections
 import numpy as np
 
+from crossjax import configs
 from crossjax import store as store_lib
 from crossjax.errors import CrossjaxError
 
@@ -41,32 +41,7 @@ TRUTH_FILE = "ground_truth.npz"
 _STRENGTH_RANGE = (0.5, 1.5)  # per-feature strength level, uniform
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``planted`` config section."""
-    return ml_collections.ConfigDict(
-        {
-            "num_snapshots": 8,
-            "d_model": 64,
-            "num_features": 128,  # true features F
-            "num_rows": 65536,
-            "block_rows": 4096,
-            "dtype": "float16",
-            "firing_prob": 0.02,  # each feature fires independently on a row with this probability
-            "magnitude_sigma": 0.75,  # lognormal sigma of firing magnitudes (heavy tail)
-            "noise_std": 0.05,  # isotropic Gaussian noise per coordinate
-            "drift": 0.05,  # slow direction drift per snapshot, radians
-            "persistent_fraction": 0.4,
-            "emergent_fraction": 0.3,
-            "init_decay_fraction": 0.15,
-            "transient_fraction": 0.15,
-            "rotation_fraction": 0.25,  # of the persistent features, the ones that turn sharply once
-            "rotation_angle": 60.0,  # degrees
-            "seed": 0,
-        }
-    )
-
-
-_KEYS = tuple(default_config().keys())
+_KEYS = tuple(configs.planted_config().keys())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +80,7 @@ def _settings(cfg: Mapping | ml_collections.ConfigDict) -> dict:
     unknown = sorted(set(d) - set(_KEYS))
     if unknown:
         raise CrossjaxError(f"planted config has unknown keys {unknown}: the known keys are {list(_KEYS)}.")
-    s = default_config().to_dict()
+    s = configs.planted_config().to_dict()
     s.update(d)
     for k in ("num_snapshots", "d_model", "num_features", "num_rows", "block_rows"):
         if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] <= 0:
@@ -313,9 +288,3 @@ def ensure_planted(cfg: Mapping | ml_collections.ConfigDict, url: str) -> store_
     if not st.is_complete() or st.read_file(TRUTH_FILE) is None:
         generate_planted(url, cfg)
     return store_lib.ActivationStore.open(url)
-
-
-def describe(truth: PlantedTruth) -> dict[str, Any]:
-    """Counts of kinds and rotations, for logs."""
-    kinds, counts = np.unique(truth.kind, return_counts=True)
-    return {"kinds": dict(zip(kinds.tolist(), counts.tolist())), "rotating": int((truth.rotation_snapshot >= 0).sum())}

@@ -1,60 +1,44 @@
 """The activation store: one tensorstore zarr3 array of every snapshot's activations over the same rows.
 
-Layout under the store URL (a local path, or any tensorstore kvstore URL such as ``gs://bucket/x``,
-``file:///abs/path`` or ``memory://name``):
-
-- ``meta.json``: the :class:`StoreMeta` as JSON.
-- ``activations/``: zarr3 ``[N, S, D]`` float16/bfloat16, chunk ``[R, 1, D]``: one (block, snapshot) unit is
-  one chunk file, so writers of disjoint units never touch the same file.
-- ``token_ids/``, ``context_ids/``, ``positions/``: zarr3 int32 ``[N]``, chunk ``[R]``.
-- ``done/b{block:06d}_s{snapshot:03d}`` and ``done/b{block:06d}_tokens``: empty markers, each written only
-  after its unit's data is durable. A unit without a marker is rewritten on resume.
-- ``scales.json``: per-snapshot normalisation scales, once computed.
-
-Crash safety rests on the kvstore writing each key atomically. The file driver writes a value to
-``<key>.__lock``, fsyncs it and renames it over ``<key>`` (tensorstore/kvstore/file/file_key_value_store.cc),
-so a process killed mid-way leaves either the old file or the new one, never a torn chunk; object stores
-(gs://) replace whole objects. Since a unit's bytes depend only on its inputs, rewriting an unmarked unit
-gives the bytes an uninterrupted run would have written.
+:class:`ActivationStore` creates, opens, writes, checks and reads a store; its on-disk layout, the crash-safety
+argument and :class:`StoreMeta` are in :mod:`crossjax.store_format`. A store is written unit by unit (one block
+of one snapshot, or one block's tokens); :meth:`ActivationStore.require_complete` says which units a reader
+still lacks and how to fill them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import ml_collections
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
 from crossjax.errors import CrossjaxError
+from crossjax.snapshot_names import index_of
+from crossjax.store_format import (  # StoreMeta, DTYPES and the errors: callers import them from here
+    CONTEXT,
+    DTYPES,
+    LAYOUT_KEYS,
+    TOKEN_ARRAYS,
+    NotAStoreError,
+    StoreMeta,
+    StoreMismatchError,
+    array_spec,
+    check_same_meta,
+    marker,
+    open_kvstore,
+    read_meta,
+)
 
-DTYPES: dict[str, np.dtype] = {
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
-_TOKEN_ARRAYS = ("token_ids", "context_ids", "positions")
-_LAYOUT_KEYS = ("meta.json", "scales.json", "activations/", "done/") + tuple(f"{n}/" for n in _TOKEN_ARRAYS)
-_ZSTD_LEVEL = 3
+__all__ = ["ActivationStore", "StoreMeta", "DTYPES", "NotAStoreError", "StoreMismatchError", "IncompleteStoreError",
+           "UnitDoneError", "resolve_url"]
+
 _INT32 = np.iinfo(np.int32)
-
-# One context for the whole process: `memory://` stores live in a context, so every store opened in this
-# process must share it to see the same data. Its cache pool is empty (no caching), so a reader always sees
-# what other processes have written.
-_CONTEXT = ts.Context()
-
-
-class NotAStoreError(CrossjaxError):
-    """The URL holds no activation store (no meta.json)."""
-
-
-class StoreMismatchError(CrossjaxError):
-    """A store already exists at the URL with other metadata."""
+_MAX_NAMED_UNITS = 8  # missing units an IncompleteStoreError names one by one
 
 
 class IncompleteStoreError(CrossjaxError):
@@ -63,17 +47,6 @@ class IncompleteStoreError(CrossjaxError):
 
 class UnitDoneError(CrossjaxError):
     """A finished unit was offered again without ``overwrite=True``."""
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The ``store`` config section."""
-    return ml_collections.ConfigDict(
-        {
-            "path": "store",  # relative paths are under the workdir; or a kvstore URL (gs://..., file://...)
-            "block_rows": 4096,  # rows per block R: one chunk file holds R rows of one snapshot
-            "dtype": "float16",  # "float16" | "bfloat16"
-        }
-    )
 
 
 def resolve_url(path: str, workdir: str | None = None) -> str:
@@ -85,197 +58,6 @@ def resolve_url(path: str, workdir: str | None = None) -> str:
     return os.path.join(workdir, path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metadata
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreMeta:
-    """What a store holds. Equal metas mean the same store; :meth:`ActivationStore.create` enforces it."""
-
-    snapshots: tuple[str, ...]
-    d_model: int
-    num_rows: int
-    block_rows: int
-    dtype: str  # "float16" | "bfloat16"
-    model: str
-    hook: str
-    context_len: int | None = None
-    snapshot_hashes: tuple[str, ...] | None = None
-    extra: dict = dataclasses.field(default_factory=dict)  # free-form JSON: tokenizer, source fingerprint, ...
-
-    def __post_init__(self):
-        # Normalise sequences to tuples so that metas read back from JSON compare equal to the ones written.
-        object.__setattr__(self, "snapshots", tuple(self.snapshots))
-        if self.snapshot_hashes is not None:
-            object.__setattr__(self, "snapshot_hashes", tuple(self.snapshot_hashes))
-        object.__setattr__(self, "extra", dict(self.extra))
-        self.validate()
-
-    def __hash__(self) -> int:  # `extra` is a dict, so hash the canonical JSON
-        return hash(self.to_json())
-
-    @property
-    def num_snapshots(self) -> int:
-        return len(self.snapshots)
-
-    @property
-    def num_blocks(self) -> int:
-        return math.ceil(self.num_rows / self.block_rows)
-
-    def validate(self) -> None:
-        """Raise CrossjaxError naming the first bad field and the fix."""
-        if not self.snapshots:
-            raise CrossjaxError("StoreMeta.snapshots is empty: list at least one snapshot name.")
-        for name in self.snapshots:
-            if not isinstance(name, str) or not name:
-                raise CrossjaxError(f"StoreMeta.snapshots holds {name!r}: every snapshot name must be a non-empty string.")
-        dup = sorted({s for s in self.snapshots if self.snapshots.count(s) > 1})
-        if dup:
-            raise CrossjaxError(f"StoreMeta.snapshots repeats {dup}: each snapshot must appear once.")
-        for field in ("d_model", "num_rows", "block_rows"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise CrossjaxError(f"StoreMeta.{field}={value!r}: it must be a positive integer.")
-        if self.dtype not in DTYPES:
-            raise CrossjaxError(f"StoreMeta.dtype={self.dtype!r}: use one of {sorted(DTYPES)}.")
-        if self.context_len is not None and (not isinstance(self.context_len, (int, np.integer)) or self.context_len <= 0):
-            raise CrossjaxError(f"StoreMeta.context_len={self.context_len!r}: give a positive integer or None.")
-        if self.snapshot_hashes is not None and len(self.snapshot_hashes) != len(self.snapshots):
-            raise CrossjaxError(
-                f"StoreMeta.snapshot_hashes has {len(self.snapshot_hashes)} entries for {len(self.snapshots)} "
-                "snapshots: give one hash per snapshot or None."
-            )
-        try:
-            json.dumps(self.extra)
-        except (TypeError, ValueError) as e:
-            raise CrossjaxError(f"StoreMeta.extra is not JSON-serialisable ({e}): keep it to str/int/float/list/dict.") from e
-
-    def to_json(self) -> bytes:
-        d = dataclasses.asdict(self)
-        d["snapshots"] = list(self.snapshots)
-        d["snapshot_hashes"] = None if self.snapshot_hashes is None else list(self.snapshot_hashes)
-        d["d_model"], d["num_rows"], d["block_rows"] = int(self.d_model), int(self.num_rows), int(self.block_rows)
-        return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes, where: str = "meta.json") -> StoreMeta:
-        try:
-            d = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise NotAStoreError(f"{where} is not valid JSON ({e}): the store is damaged; delete it and write it again.") from e
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(d, dict) or set(d) - fields or not {"snapshots", "d_model", "num_rows"} <= set(d):
-            raise NotAStoreError(
-                f"{where} does not describe an activation store (fields {sorted(d) if isinstance(d, dict) else d}): "
-                "point store.path at a store written by crossjax, or at an empty location."
-            )
-        return cls(**d)
-
-
-def check_compatible(metas: Sequence[StoreMeta]) -> None:
-    """Raise CrossjaxError unless the parts can form one store.
-
-    Parts (e.g. one per snapshot) must agree on d_model, row count, block size, dtype, model, hook and
-    context length, and must not repeat a snapshot.
-    """
-    if not metas:
-        raise CrossjaxError("check_compatible got no parts: give at least one StoreMeta.")
-    for field in ("d_model", "num_rows", "block_rows", "dtype", "model", "hook", "context_len"):
-        values = {}
-        for m in metas:
-            for s in m.snapshots:
-                values[s] = getattr(m, field)
-        if len(set(values.values())) > 1:
-            what = {"d_model": "d_model (hidden size)", "num_rows": "row count"}.get(field, field)
-            raise CrossjaxError(
-                f"snapshots disagree in {what}: {values}. All snapshots of one store must be the same model "
-                "architecture run over the same rows: drop the odd snapshots or regenerate them with the same settings."
-            )
-    seen: set[str] = set()
-    for m in metas:
-        rep = seen & set(m.snapshots)
-        if rep:
-            raise CrossjaxError(f"snapshot(s) {sorted(rep)} appear in more than one part: list each snapshot once.")
-        seen |= set(m.snapshots)
-
-
-def merge_metas(metas: Sequence[StoreMeta], **overrides: Any) -> StoreMeta:
-    """One StoreMeta over all parts' snapshots, in order, after :func:`check_compatible`."""
-    check_compatible(metas)
-    hashes = None
-    if all(m.snapshot_hashes is not None for m in metas):
-        hashes = tuple(h for m in metas for h in m.snapshot_hashes)
-    extra: dict = {}
-    for m in metas:
-        extra.update(m.extra)
-    merged = dataclasses.replace(
-        metas[0], snapshots=tuple(s for m in metas for s in m.snapshots), snapshot_hashes=hashes, extra=extra
-    )
-    return dataclasses.replace(merged, **overrides) if overrides else merged
-
-
-def _meta_differences(a: StoreMeta, b: StoreMeta) -> list[str]:
-    out = []
-    for f in dataclasses.fields(StoreMeta):
-        va, vb = getattr(a, f.name), getattr(b, f.name)
-        if va != vb:
-            out.append(f"{f.name}: stored {va!r}, requested {vb!r}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The store
-
-
-def _open_kvstore(url: str) -> tuple[ts.KvStore, str]:
-    """(kvstore rooted at the store with a trailing '/', display url). Local paths become absolute."""
-    if not isinstance(url, (str, os.PathLike)) or not str(url):
-        raise CrossjaxError(f"store url {url!r} is not a path or URL: give a directory or e.g. gs://bucket/store.")
-    url = os.fspath(url)
-    if "://" in url:
-        spec: Any = url if url.endswith("/") else url + "/"
-        shown = url.rstrip("/")
-    else:
-        shown = os.path.abspath(url)
-        spec = {"driver": "file", "path": shown + "/"}
-    try:
-        kv = ts.KvStore.open(spec, context=_CONTEXT).result()
-    except ValueError as e:
-        raise CrossjaxError(f"cannot open store location {url!r} ({e}): give a local path or a kvstore URL.") from e
-    return kv, shown
-
-
-def _array_spec(kv: ts.KvStore, name: str, meta: StoreMeta | None) -> dict:
-    spec: dict = {"driver": "zarr3", "kvstore": (kv / f"{name}/").spec().to_json()}
-    # Store chunks even when they equal the fill value, so every finished unit is a file on disk.
-    spec["store_data_equal_to_fill_value"] = True
-    if meta is None:
-        return spec
-    codecs = [{"name": "bytes", "configuration": {"endian": "little"}},
-              {"name": "zstd", "configuration": {"level": _ZSTD_LEVEL, "checksum": False}}]
-    if name == "activations":
-        shape = [meta.num_rows, meta.num_snapshots, meta.d_model]
-        chunk = [meta.block_rows, 1, meta.d_model]
-        dims = ["row", "snapshot", "embed"]
-        dtype = meta.dtype
-    else:
-        shape, chunk, dims, dtype = [meta.num_rows], [meta.block_rows], ["row"], "int32"
-    spec["metadata"] = {
-        "shape": shape,
-        "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-        "codecs": codecs,
-        "fill_value": 0,
-        "dimension_names": dims,
-    }
-    return spec
-
-
-def _marker(block: int, snapshot: int | None) -> str:
-    return f"done/b{block:06d}_tokens" if snapshot is None else f"done/b{block:06d}_s{snapshot:03d}"
-
-
 class ActivationStore:
     """An opened store. Use :meth:`create` or :meth:`open`, not the constructor."""
 
@@ -284,7 +66,7 @@ class ActivationStore:
         self.url = url
         self.meta = meta
         self._acts = arrays["activations"]
-        self._tokens = {n: arrays[n] for n in _TOKEN_ARRAYS}
+        self._tokens = {n: arrays[n] for n in TOKEN_ARRAYS}
         self._complete = False  # cached once true: finished units are never unmarked except by overwrite
         self._scales: np.ndarray | None = None
 
@@ -300,21 +82,21 @@ class ActivationStore:
         if not isinstance(meta, StoreMeta):
             raise CrossjaxError(f"create needs a StoreMeta, got {type(meta).__name__}.")
         meta.validate()
-        kv, shown = _open_kvstore(url)
-        existing = cls._read_meta(kv, shown)
+        kv, shown = open_kvstore(url)
+        existing = read_meta(kv, shown)
         if existing is not None:
-            cls._check_same(existing, meta, shown)
+            check_same_meta(existing, meta, shown)
         else:
             foreign = [k.decode() for k in kv.list().result()
-                       if not any(k.decode().startswith(p) for p in _LAYOUT_KEYS)]
+                       if not any(k.decode().startswith(p) for p in LAYOUT_KEYS)]
             if foreign:
                 raise CrossjaxError(
                     f"{shown} is not empty and holds no activation store (found {foreign[:5]}): "
                     "choose an empty or new location for store.path."
                 )
         arrays = {}
-        futures = {n: ts.open(_array_spec(kv, n, meta), create=True, open=True, context=_CONTEXT)
-                   for n in ("activations",) + _TOKEN_ARRAYS}
+        futures = {n: ts.open(array_spec(kv, n, meta), create=True, open=True, context=CONTEXT)
+                   for n in ("activations",) + TOKEN_ARRAYS}
         for n, fut in futures.items():
             try:
                 arrays[n] = fut.result()
@@ -328,23 +110,23 @@ class ActivationStore:
             no_value = kv.read("meta.json").result().stamp.generation
             stamp = kv.write("meta.json", meta.to_json(), if_equal=no_value).result()
             if not stamp.generation:
-                cls._check_same(cls._read_meta(kv, shown), meta, shown)
+                check_same_meta(read_meta(kv, shown), meta, shown)
         return cls(kv, shown, meta, arrays)
 
     @classmethod
     def open(cls, url: str) -> ActivationStore:
         """The store at ``url``; NotAStoreError if there is none."""
-        kv, shown = _open_kvstore(url)
-        meta = cls._read_meta(kv, shown)
+        kv, shown = open_kvstore(url)
+        meta = read_meta(kv, shown)
         if meta is None:
             raise NotAStoreError(
                 f"{shown} holds no activation store (no meta.json): check store.path, or write the store first "
                 "(python -m crossjax.activations, or the planted generator)."
             )
         arrays = {}
-        for n in ("activations",) + _TOKEN_ARRAYS:
+        for n in ("activations",) + TOKEN_ARRAYS:
             try:
-                arrays[n] = ts.open(_array_spec(kv, n, None), open=True, context=_CONTEXT).result()
+                arrays[n] = ts.open(array_spec(kv, n, None), open=True, context=CONTEXT).result()
             except ValueError as e:
                 raise NotAStoreError(f"{shown}/{n} is missing or unreadable ({e}): the store is damaged; delete it and write it again.") from e
         acts = arrays["activations"]
@@ -355,22 +137,6 @@ class ActivationStore:
                 "the store is damaged; delete it and write it again."
             )
         return cls(kv, shown, meta, arrays)
-
-    @staticmethod
-    def _read_meta(kv: ts.KvStore, shown: str) -> StoreMeta | None:
-        r = kv.read("meta.json").result()
-        if r.state != "value":
-            return None
-        return StoreMeta.from_json(r.value, where=f"{shown}/meta.json")
-
-    @staticmethod
-    def _check_same(existing: StoreMeta, meta: StoreMeta, shown: str) -> None:
-        diff = _meta_differences(existing, meta)
-        if diff:
-            raise StoreMismatchError(
-                f"a different store already exists at {shown} ({'; '.join(diff)}): use another store.path, "
-                "or delete the old store to rebuild it."
-            )
 
     # ---- geometry --------------------------------------------------------------------------------------
 
@@ -388,15 +154,9 @@ class ActivationStore:
         r = self.meta.block_rows
         return block * r, min((block + 1) * r, self.meta.num_rows)
 
-    def snapshot_index(self, snapshot: int | str) -> int:
+    def _snapshot(self, snapshot: int | str) -> int:
         """Index of a snapshot given by index or name."""
-        if isinstance(snapshot, str):
-            if snapshot not in self.meta.snapshots:
-                raise CrossjaxError(f"snapshot {snapshot!r} is not in this store: it holds {list(self.meta.snapshots)}.")
-            return self.meta.snapshots.index(snapshot)
-        if isinstance(snapshot, bool) or not isinstance(snapshot, (int, np.integer)) or not 0 <= snapshot < self.meta.num_snapshots:
-            raise CrossjaxError(f"snapshot {snapshot!r} is out of range: give an index in [0, {self.meta.num_snapshots}) or a name.")
-        return int(snapshot)
+        return index_of(snapshot, self.meta.snapshots, where=f"the store {self.url}")
 
     def _check_block(self, block: int) -> None:
         if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block < self.meta.num_blocks:
@@ -409,7 +169,7 @@ class ActivationStore:
 
         Shape and finiteness are checked before anything is written; the done marker follows the data.
         """
-        s = self.snapshot_index(snapshot)
+        s = self._snapshot(snapshot)
         start, stop = self.block_range(block)
         x = np.asarray(acts)
         want = (stop - start, self.meta.d_model)
@@ -443,7 +203,7 @@ class ActivationStore:
         """Write the token unit of ``block``: three integer arrays ``[R_b]``, stored as int32."""
         start, stop = self.block_range(block)
         arrays = {}
-        for name, v in zip(_TOKEN_ARRAYS, (token_ids, context_ids, positions)):
+        for name, v in zip(TOKEN_ARRAYS, (token_ids, context_ids, positions)):
             a = np.asarray(v)
             if a.shape != (stop - start,):
                 raise CrossjaxError(f"block {block}: {name} has shape {a.shape}, expected ({stop - start},) (rows of this block).")
@@ -453,13 +213,13 @@ class ActivationStore:
                 raise CrossjaxError(f"block {block}: {name} has values outside int32; they must fit in int32.")
             arrays[name] = a.astype(np.int32)
         self._begin_unit(block, None, overwrite)
-        futures = [self._tokens[n][start:stop].write(arrays[n]) for n in _TOKEN_ARRAYS]
+        futures = [self._tokens[n][start:stop].write(arrays[n]) for n in TOKEN_ARRAYS]
         for f in futures:
             f.result()
         self._mark(block, None)
 
     def _begin_unit(self, block: int, snapshot: int | None, overwrite: bool) -> None:
-        key = _marker(block, snapshot)
+        key = marker(block, snapshot)
         if self._kv.read(key).result().state == "value":
             what = "tokens" if snapshot is None else f"snapshot {snapshot} ({self.meta.snapshots[snapshot]})"
             if not overwrite:
@@ -469,15 +229,15 @@ class ActivationStore:
             self._complete = False
 
     def _mark(self, block: int, snapshot: int | None) -> None:
-        self._kv.write(_marker(block, snapshot), b"").result()
+        self._kv.write(marker(block, snapshot), b"").result()
 
     # ---- progress --------------------------------------------------------------------------------------
 
     def is_done(self, block: int, snapshot: int | str | None = None) -> bool:
         """Whether a unit is finished; ``snapshot=None`` asks about the block's tokens."""
         self._check_block(block)
-        s = None if snapshot is None else self.snapshot_index(snapshot)
-        return self._kv.read(_marker(block, s)).result().state == "value"
+        s = None if snapshot is None else self._snapshot(snapshot)
+        return self._kv.read(marker(block, s)).result().state == "value"
 
     def _done_keys(self) -> set[str]:
         return {k.decode() for k in (self._kv / "done/").list().result()}
@@ -490,7 +250,7 @@ class ActivationStore:
         out = []
         for b in range(self.meta.num_blocks):
             for s in (None, *range(self.meta.num_snapshots)):
-                if _marker(b, s)[len("done/"):] not in done:
+                if marker(b, s)[len("done/"):] not in done:
                     out.append((b, s))
         return out
 
@@ -499,27 +259,41 @@ class ActivationStore:
             self._complete = not self.missing_units()
         return self._complete
 
-    def _require_done(self, blocks: Iterable[int], tokens: bool) -> None:
+    def require_complete(self, blocks: Iterable[int] | None = None, *, activations: bool = True,
+                         tokens: bool = True) -> None:
+        """Raise IncompleteStoreError unless the units a reader needs are written.
+
+        blocks: the blocks to be read (all if None); activations / tokens: whether their activation units
+        (every snapshot) and their token units are needed. The error names the missing units (block and
+        snapshot name, or tokens) and the command that writes them.
+        """
         if self._complete:
             return
         done = self._done_keys()
         if len(done) >= self.meta.num_blocks * (self.meta.num_snapshots + 1) and not self._missing_from(done):
             self._complete = True
             return
+        fill = ("crossjax.planted.generate_planted(url, cfg) again" if self.meta.model == "planted"
+                else "python -m crossjax.activations --config=<your config> --workdir=<your workdir>")
         if not done:
             raise IncompleteStoreError(
-                f"{self.url} is empty: no unit has been written yet. Generate the activations first "
-                "(python -m crossjax.activations, or the planted generator)."
-            )
-        missing = []
-        for b in blocks:
-            units = [None] if tokens else range(self.meta.num_snapshots)
-            missing += [(b, s) for s in units if _marker(b, s)[len("done/"):] not in done]
+                f"{self.url} is incomplete: it is empty, no unit has been written yet. Fill it with {fill}.")
+        if blocks is None:
+            wanted, where = range(self.meta.num_blocks), ""
+        else:
+            blocks = list(blocks)
+            for b in blocks:
+                self._check_block(b)
+            wanted, where = sorted({int(b) for b in blocks}), " of the requested blocks"
+        units = ([None] if tokens else []) + (list(range(self.meta.num_snapshots)) if activations else [])
+        missing = [(b, s) for b in wanted for s in units if marker(b, s)[len("done/"):] not in done]
         if missing:
+            names = [f"block {b} " + ("tokens" if s is None else f"snapshot {self.meta.snapshots[s]}")
+                     for b, s in missing[:_MAX_NAMED_UNITS]]
+            more = f" and {len(missing) - _MAX_NAMED_UNITS} more" if len(missing) > _MAX_NAMED_UNITS else ""
             raise IncompleteStoreError(
-                f"{self.url}: rows requested from {len(missing)} unfinished unit(s) (block, snapshot) such as "
-                f"{missing[:4]}: finish writing the store (rerun the generator; it resumes) before reading them."
-            )
+                f"{self.url} is incomplete: {len(missing)} unfinished unit(s){where} ({', '.join(names)}{more}). "
+                f"Fill them with {fill}; it redoes only the missing units.")
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -531,7 +305,7 @@ class ActivationStore:
         """Rows [start, stop) of every snapshot: ``[n, S, D]`` in the storage dtype."""
         self._check_rows(start, stop)
         r = self.meta.block_rows
-        self._require_done(range(start // r, (stop - 1) // r + 1), tokens=False)
+        self.require_complete(range(start // r, (stop - 1) // r + 1), tokens=False)
         return self._acts[start:stop].read().result()
 
     def read_blocks(self, blocks: Sequence[int]) -> np.ndarray:
@@ -540,7 +314,7 @@ class ActivationStore:
         if not blocks:
             raise CrossjaxError("read_blocks got no blocks: pass at least one block index.")
         ranges = [self.block_range(b) for b in blocks]
-        self._require_done(blocks, tokens=False)
+        self.require_complete(blocks, tokens=False)
         futures = [self._acts[a:b].read() for a, b in ranges]
         out = np.empty((sum(b - a for a, b in ranges), self.meta.num_snapshots, self.meta.d_model), DTYPES[self.meta.dtype])
         pos = 0
@@ -553,8 +327,8 @@ class ActivationStore:
         """``{token_ids, context_ids, positions}`` of rows [start, stop), each int32 ``[n]``."""
         self._check_rows(start, stop)
         r = self.meta.block_rows
-        self._require_done(range(start // r, (stop - 1) // r + 1), tokens=True)
-        futures = {n: self._tokens[n][start:stop].read() for n in _TOKEN_ARRAYS}
+        self.require_complete(range(start // r, (stop - 1) // r + 1), activations=False)
+        futures = {n: self._tokens[n][start:stop].read() for n in TOKEN_ARRAYS}
         return {n: f.result() for n, f in futures.items()}
 
     # ---- normalisation scales --------------------------------------------------------------------------

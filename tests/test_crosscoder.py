@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from crossjax import configs
 from crossjax import crosscoder as cc
 from crossjax.errors import CrossjaxError
 
@@ -386,8 +387,7 @@ def test_forward_public_pieces_agree():
 
 
 def test_sharded_loss_matches_single_device():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices")
+    assert jax.device_count() >= 8, "tests/conftest.py gives 8 simulated devices"
     mesh = jax.make_mesh((2, 2, 2), ("data", "snapshot", "feature"), axis_types=(AxisType.Auto,) * 3)
     specs = {"W_enc": P("snapshot", None, "feature"), "b_enc": P("feature"), "W_dec": P("snapshot", "feature"),
              "b_dec": P("snapshot"), "log_threshold": P("feature")}
@@ -446,7 +446,7 @@ def test_grid_search_finds_planted_minimum():
 # Config, normalisation, export
 
 def test_config_validation_and_from_config():
-    section = cc.default_config()
+    section = configs.base_config().crosscoder
     cfg = cc.CrosscoderConfig.from_config(section, num_snapshots=4, d_model=16)
     assert (cfg.num_features, cfg.activation, cfg.jump_bandwidth, cfg.tanh_c) == (24576, "jumprelu", 4.0, 0.01)
     assert cc.CrosscoderConfig.from_dict(cfg.to_dict()) == cfg

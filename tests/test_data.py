@@ -250,6 +250,18 @@ def test_bad_settings_raise_clear_errors(store):
         make_loader("/some/path", global_batch=16, seed=0, sharding=None)
 
 
+def test_snapshot_subset_by_name_or_index(store):
+    def loader(snapshots):
+        return make_loader(store, global_batch=32, seed=0, sharding=None, num_epochs=1, snapshots=snapshots)
+
+    batches = list(loader([3, 1]))
+    assert_same_batches(batches, list(loader(["step3", 1])))
+    np.testing.assert_array_equal(batches[0]["acts"], next(loader(None))["acts"][:, [3, 1]])
+    for bad, why in (([1, "step1"], "listed twice"), (["step9"], "not one of"), ([], "none is given")):
+        with pytest.raises(CrossjaxError, match=why):
+            loader(bad)
+
+
 def test_incomplete_store_names_missing_units_and_the_fix(tmp_path):
     st = write_store(str(tmp_path / "partial"), num_rows=96, skip=((3, 1), (4, None)))
     with pytest.raises(CrossjaxError, match=r"block 3 snapshot step1.*python -m crossjax.activations") as e:

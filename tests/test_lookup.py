@@ -9,6 +9,7 @@ from crossjax import crosscoder, planted
 from crossjax.analysis.lookup import FeatureIndex
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore, StoreMeta
+from crossjax.summary import RunSummary
 
 S, D, F = 3, 8, 12
 PLANTED = dict(num_snapshots=S, d_model=D, num_features=6, num_rows=600, block_rows=128, firing_prob=0.25,
@@ -42,8 +43,9 @@ def make_workdir(path, params, scales, cfg, store_url, snapshots):
     export = path / "export"
     crosscoder.export_params(params, scales, cfg, str(export))
     (path / "config.json").write_text(json.dumps({"crosscoder": {"num_features": F}}))
-    (path / "summary.json").write_text(json.dumps({"store": store_url, "snapshots": list(snapshots),
-                                                   "export": str(export)}))
+    RunSummary(workdir=str(path), store=store_url, steps=1, tokens=1, snapshots=list(snapshots),
+               num_features=cfg.num_features, init_norm=1.0, scales=[float(v) for v in np.asarray(scales)],
+               export=str(export), evolution={}, evals={}).write(path)
     return path
 
 
@@ -212,6 +214,9 @@ def test_errors(store, tmp_path):
     unnamed = make_workdir(tmp_path / "unnamed", params, scales, cfg, "", [])
     with pytest.raises(CrossjaxError, match="no store_url"):
         FeatureIndex.build(unnamed, progress=False)
+    (unnamed / "summary.json").write_text(json.dumps({"version": 3, "store": store.url}))
+    with pytest.raises(CrossjaxError, match="version 3"):  # read through RunSummary, with its message
+        FeatureIndex.build(unnamed, progress=False)
     with pytest.raises(CrossjaxError, match="not a saved FeatureIndex"):
         FeatureIndex.load(tmp_path / "empty")
     (work / "export" / "model.safetensors").unlink()
@@ -221,6 +226,23 @@ def test_errors(store, tmp_path):
     other_store = planted.ensure_planted(dict(PLANTED, seed=4), str(tmp_path / "store2"))
     with pytest.raises(CrossjaxError, match="not the one this index was built from"):
         index.attach(store_url=other_store.url)
+
+
+def test_version_1_summary_still_names_the_store(store, tmp_path):
+    """summary.json without a version field (trainers before crossjax.summary) is read for its store, snapshots
+    and export until no such workdirs are about."""
+    params, cfg = make_params("relu")
+    scales = store.estimate_scales()
+    work = make_workdir(tmp_path, params, scales, cfg, store.url, store.meta.snapshots)
+    v2 = FeatureIndex.build(work, top_k=2, batch_rows=300, window=0, progress=False)
+    (work / "summary.json").write_text(json.dumps({"store": store.url, "snapshots": list(store.meta.snapshots),
+                                                   "export": str(work / "export")}))
+    v1 = FeatureIndex.build(work, top_k=2, batch_rows=300, window=0, progress=False)
+    assert v1.info["store_url"] == v2.info["store_url"] == store.url
+    np.testing.assert_array_equal(v1.counts, v2.counts)
+    (work / "summary.json").write_text(json.dumps({"store": store.url, "export": str(tmp_path / "elsewhere")}))
+    with pytest.raises(CrossjaxError, match="no store_url"):  # another export's summary is not this one's
+        FeatureIndex.build(work, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,14 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from crossjax import planted
+from crossjax import configs, planted
 from _files import tree_bytes
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore, StoreMismatchError
 
 
 def small_cfg(**kw):
-    cfg = planted.default_config()
+    cfg = configs.planted_config()
     cfg.update(dict(num_snapshots=6, d_model=16, num_features=40, num_rows=50, block_rows=16,
                     firing_prob=0.1, seed=3))
     cfg.update(kw)

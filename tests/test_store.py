@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from crossjax import configs
 from crossjax import store as store_lib
 from _files import tree_bytes
 from crossjax.errors import CrossjaxError
@@ -225,7 +226,7 @@ def test_wrong_shape_and_indices(tmp_path):
         st.write_block(2, 0, np.zeros((4, 4), np.float32))  # last block holds 2 rows
     with pytest.raises(CrossjaxError, match="out of range"):
         st.write_block(3, 0, np.zeros((4, 4), np.float32))
-    with pytest.raises(CrossjaxError, match="not in this store"):
+    with pytest.raises(CrossjaxError, match="'zz' is not one of the snapshots of the store"):
         st.write_block(0, "zz", np.zeros((4, 4), np.float32))
     with pytest.raises(CrossjaxError, match="token_ids has shape"):
         st.write_tokens(0, np.zeros(3, np.int64), np.zeros(4, np.int64), np.zeros(4, np.int64))
@@ -254,17 +255,22 @@ def test_empty_and_incomplete_reads(tmp_path):
     with pytest.raises(IncompleteStoreError, match="empty"):
         st.estimate_scales(4)
     st.write_block(0, 0, np.ones((4, 4), np.float32))
-    with pytest.raises(IncompleteStoreError, match=r"\(0, 1\)"):
+    with pytest.raises(IncompleteStoreError, match="block 0 snapshot b"):
         st.read_rows(0, 4)
     with pytest.raises(IncompleteStoreError, match="unfinished"):
         st.read_tokens(0, 4)
+    # the whole store: every missing unit by name, in block order, and the command that writes them
+    with pytest.raises(IncompleteStoreError, match=r"8 unfinished unit\(s\) \(block 0 tokens, block 0 snapshot b, "
+                       r"block 1 tokens, .*, block 2 snapshot b\)\. Fill them with python -m crossjax\.activations"):
+        st.require_complete()
+    st.require_complete([0], tokens=False, activations=False)  # asks for nothing
     with pytest.raises(CrossjaxError, match="non-empty range"):
         st.read_rows(4, 4)
     with pytest.raises(CrossjaxError, match="num_rows=0"):
         small_meta(num_rows=0)
 
 
-def test_meta_validation_and_compatibility():
+def test_meta_validation():
     with pytest.raises(CrossjaxError, match="repeats"):
         small_meta(snapshots=("a", "a"))
     with pytest.raises(CrossjaxError, match="non-empty"):
@@ -278,14 +284,6 @@ def test_meta_validation_and_compatibility():
     m = small_meta(snapshot_hashes=("h1", "h2"), extra={"tok": [1, 2]}, context_len=5)
     assert StoreMeta.from_json(m.to_json()) == m
     assert m.num_blocks == 3 and m.num_snapshots == 2
-    parts = [small_meta(snapshots=("a",)), small_meta(snapshots=("b",))]
-    assert store_lib.merge_metas(parts).snapshots == ("a", "b")
-    with pytest.raises(CrossjaxError, match=r"d_model \(hidden size\).*'c': 8"):
-        store_lib.check_compatible(parts + [small_meta(snapshots=("c",), d_model=8)])
-    with pytest.raises(CrossjaxError, match=r"row count.*'c': 11"):
-        store_lib.check_compatible(parts + [small_meta(snapshots=("c",), num_rows=11)])
-    with pytest.raises(CrossjaxError, match="more than one part"):
-        store_lib.check_compatible(parts + [small_meta(snapshots=("b",))])
 
 
 # ---- scales ---------------------------------------------------------------------------------------------
@@ -318,7 +316,7 @@ def test_scales_estimate_and_persist(tmp_path):
 
 
 def test_config_and_url_resolution():
-    cfg = store_lib.default_config()
+    cfg = configs.store_config()
     assert (cfg.path, cfg.block_rows, cfg.dtype) == ("store", 4096, "float16")
     assert store_lib.resolve_url("store", "/w") == "/w/store"
     assert store_lib.resolve_url("gs://b/x", "/w") == "gs://b/x"

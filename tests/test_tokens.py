@@ -1,4 +1,4 @@
-"""crossjax.tokens: document sources, the tokenizer, and contexts with and without packing."""
+"""crossjax.tokens and crossjax.documents: document sources, the tokenizer, and contexts with and without packing."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from crossjax import tokens
+from crossjax import configs, documents, tokens
 from crossjax.errors import CrossjaxError
 import _activations_fixtures as fx
 
@@ -108,17 +108,23 @@ def test_bad_sizes(kw, msg):
 
 
 def section(**kw):
-    s = tokens.default_config()
+    s = configs.tokens_config()
     s.update(kw)
     return s
+
+
+def texts(tokens_section):
+    """Every document of a source, in source order."""
+    docs = documents.open_documents(tokens_section)
+    return [docs[i] for i in range(len(docs))]
 
 
 def test_jsonl_documents(tmp_path):
     docs = fx.sentences(5)
     fx.write_jsonl(tmp_path / "a.jsonl", docs[:3])
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs[3:]) + "\n\n")
-    assert list(tokens.iter_documents(section(source="jsonl", path=str(tmp_path / "a.jsonl")))) == docs[:3]
-    got = list(tokens.iter_documents(section(source="jsonl", path=str(tmp_path / "b.jsonl"), text_field="body")))
+    assert texts(section(source="jsonl", path=str(tmp_path / "a.jsonl"))) == docs[:3]
+    got = texts(section(source="jsonl", path=str(tmp_path / "b.jsonl"), text_field="body"))
     assert got == docs[3:]
 
 
@@ -126,14 +132,14 @@ def test_jsonl_missing_field_names_field_file_line_and_keys(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "one"}\n\n{"text": "two"}\n{"content": "three", "id": 3}\n')
     with pytest.raises(CrossjaxError, match=r"c\.jsonl line 4 has no field 'text' \(keys seen: \['content', 'id'\]\)"):
-        list(tokens.iter_documents(section(source="jsonl", path=str(p))))
+        texts(section(source="jsonl", path=str(p)))
 
 
 def test_jsonl_bad_json(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "one"}\n{"text": \n')
     with pytest.raises(CrossjaxError, match=r"d\.jsonl line 2 is not valid JSON"):
-        list(tokens.iter_documents(section(source="jsonl", path=str(p))))
+        texts(section(source="jsonl", path=str(p)))
 
 
 def test_text_documents_files_and_separators(tmp_path):
@@ -142,8 +148,8 @@ def test_text_documents_files_and_separators(tmp_path):
     (tmp_path / "sub" / "b.txt").write_text("third doc")
     (tmp_path / "skip.md").write_text("not text")
     want = ["first doc\nstill first", "second doc", "third doc"]
-    assert list(tokens.iter_documents(section(source="text", path=str(tmp_path)))) == want
-    assert list(tokens.iter_documents(section(source="text", path=str(tmp_path / "**" / "b.txt")))) == ["third doc"]
+    assert texts(section(source="text", path=str(tmp_path))) == want
+    assert texts(section(source="text", path=str(tmp_path / "**" / "b.txt"))) == ["third doc"]
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -153,35 +159,36 @@ def test_text_documents_files_and_separators(tmp_path):
 ])
 def test_source_errors(kw, msg):
     with pytest.raises(CrossjaxError, match=msg):
-        tokens.open_documents(section(**kw))
+        documents.open_documents(section(**kw))
 
 
 def test_hf_dataset_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(CrossjaxError, match="pip install datasets"):
-        tokens.open_documents(section(source="hf_dataset", path="x"))
+        documents.open_documents(section(source="hf_dataset", path="x"))
 
 
 def test_hf_dataset_from_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra installs it: a missing one fails this test
     import pyarrow as pa
 
     docs = fx.sentences(4)
     ds = datasets.Dataset(pa.table({"text": docs, "n": list(range(4))}), fingerprint="test")
     ds.save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
-    assert list(tokens.iter_documents(section(source="hf_dataset", path=str(tmp_path / "ds")))) == docs
-    assert list(tokens.iter_documents(section(source="hf_dataset", path=str(tmp_path / "dd")))) == docs
+    assert texts(section(source="hf_dataset", path=str(tmp_path / "ds"))) == docs
+    assert texts(section(source="hf_dataset", path=str(tmp_path / "dd"))) == docs
     with pytest.raises(CrossjaxError, match=r"no field 'body' \(fields: \['text', 'n'\]\)"):
-        tokens.open_documents(section(source="hf_dataset", path=str(tmp_path / "ds"), text_field="body"))
+        documents.open_documents(section(source="hf_dataset", path=str(tmp_path / "ds"), text_field="body"))
     with pytest.raises(CrossjaxError, match=r"no split 'test' \(splits: \['train'\]\)"):
-        tokens.open_documents(section(source="hf_dataset", path=str(tmp_path / "dd"), split="test"))
+        documents.open_documents(section(source="hf_dataset", path=str(tmp_path / "dd"), split="test"))
 
 
-def test_offline_corpus():
-    corpus = pytest.importorskip("crossjax.suite.corpus")
-    got = list(tokens.iter_documents(section(source="offline", split="heldout")))
-    assert got == list(corpus.load_documents("heldout")) and len(got) > 0
+def test_offline_source_reads_the_requested_split():
+    held, train = texts(section(source="offline", split="heldout")), texts(section(source="offline", split="train"))
+    assert held and train and not set(held) & set(train)  # the split reaches the corpus, it is not ignored
+    with pytest.raises(CrossjaxError, match="heldout"):
+        documents.open_documents(section(source="offline", split="test"))
 
 
 # ---- tokenizer
@@ -202,6 +209,7 @@ def test_load_tokenizer_ids(snapshot_dir):
     assert (info.bos_id, info.eos_id, info.pad_id) == (0, 0, 1)
     assert info.special_ids == {0, 1}
     assert info.vocab_size == 320 and len(info.sha256) == 64
+    assert tokens.load_tokenizer(snapshot_dir / "tokenizer.json").describe() == info.describe()  # the file itself
 
 
 def test_contexts_match_transformers_tokenizer(snapshot_dir):

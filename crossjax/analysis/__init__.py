@@ -1,7 +1,8 @@
 """Analyses of a trained crosscoder.
 
 - evolution: decoder-norm strength, emergence, kinds and rotation per feature (numpy only);
-- lookup: FeatureIndex, per-feature statistics and top activating rows over an activation store;
+- lookup: FeatureIndex, per-feature statistics and top activating rows over an activation store (its one pass
+  over the store: index_build);
 - spliced: the LM's loss with the hook's residual replaced by the crosscoder's reconstruction.
 
 ``from crossjax.analysis import FeatureIndex, spliced_loss`` works; the modules load on first use, so importing
@@ -17,12 +18,12 @@ _LAZY = {
     "spliced_loss": "crossjax.analysis.spliced",
 }
 
-__all__ = ["evolution", "lookup", "spliced", *_LAZY]
+__all__ = ["evolution", "index_build", "lookup", "spliced", *_LAZY]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("evolution", "lookup", "spliced"):
+    if name in ("evolution", "index_build", "lookup", "spliced"):
         return importlib.import_module(f"crossjax.analysis.{name}")
     raise AttributeError(f"module 'crossjax.analysis' has no attribute {name!r}")

@@ -7,26 +7,15 @@
     index.search(emerged_at="step1000", kind="emergent", min_frequency=1e-4)
     index.features_for_row(4711)
 
-`build` makes one streaming pass over the activation store (``batch_rows`` rows at a time, so memory is bounded by
-one batch plus the per-feature statistics), then one pass over the store's token arrays only (12 bytes per row) to
-collect the tokens around every top example. Statistics per feature:
-
-- frequency: the fraction of scanned rows on which the feature is active (and per snapshot for JumpReLU, whose gate
-  is per snapshot); mean activation when active;
-- the ``top_k`` rows with the largest activation, ties broken by the lower row (a streaming top-k merge);
-- decoder norms per snapshot and the derived strength, emergence, kind and rotation (crossjax.analysis.evolution).
-
-A feature's activation on a row is its value in crosscoder.forward: relu/topk/batchtopk give one value per row;
-for JumpReLU the value f[b,s,i] = h[b,i] 1[h n[s,i] > theta_i] is h in every snapshot whose gate opens, so the
-row's activation is h when the gate opens in any snapshot and 0 otherwise. BatchTopK activations depend on the
-batch; the index uses consecutive batches of ``batch_rows`` rows. Rows are the store's rows: the activation
-generator shuffles them at write time, so ``max_rows`` scans a random sample.
+`build` makes one streaming pass over the activation store (crossjax/analysis/index_build.py says what it
+collects and how a feature's activation on a row is defined). Rows are the store's rows: the activation
+generator shuffles them at write time, so ``max_rows`` scans a random sample. This module holds the index and its
+queries: per-feature reports, top examples with their context windows, search, and the features of one row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -34,21 +23,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from crossjax import crosscoder
 from crossjax.analysis import evolution
+from crossjax.analysis import index_build
+from crossjax.analysis.index_build import INDEX_FORMAT, INDEX_VERSION
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write, atomic_write_text
+from crossjax.snapshot_names import index_of
 from crossjax.store import ActivationStore
+from crossjax.tokens import open_tokenizer
 
 INDEX_ARRAYS = "feature_index.npz"
 INDEX_META = "feature_index.json"
-INDEX_FORMAT = "crossjax.feature_index"
-INDEX_VERSION = 1
-_TOKEN_CHUNK = 1 << 20  # rows of token arrays read at once when collecting context windows
 _NO_TOKEN = -1  # window slot whose (context, position) holds no stored row (BOS, padding, special tokens)
 
 
@@ -104,81 +93,7 @@ class FeatureReport:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Locating the export and the store
-
-
-def _resolve_export(path: str | os.PathLike) -> tuple[Path, dict | None]:
-    """(export dir, the workdir's summary.json or None) from an export dir or a training workdir."""
-    p = Path(path)
-    if not p.exists():
-        raise CrossjaxError(f"{p} does not exist: pass a training workdir (holding export/) or a crosscoder export "
-                            "directory (config.json + model.safetensors).")
-    # a workdir also holds a config.json (the training config), so look for export/ first
-    if (p / "export").is_dir():
-        export, summary_file = p / "export", p / "summary.json"
-    elif (p / crosscoder.EXPORT_CONFIG).is_file() and (p / crosscoder.EXPORT_WEIGHTS).is_file():
-        export, summary_file = p, p.parent / "summary.json"
-    else:
-        raise CrossjaxError(f"{p} is neither a crosscoder export ({crosscoder.EXPORT_CONFIG} + "
-                            f"{crosscoder.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
-                            "(python -m crossjax.train) or point at the export directory.")
-    summary = None
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CrossjaxError(f"{summary_file} is not valid JSON ({e}); rerun training to rewrite it.") from e
-        # an unrelated summary.json beside an export dir is not this export's
-        if summary.get("export") and Path(summary["export"]).resolve() != export.resolve():
-            summary = None
-    return export, summary
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _trained_columns(cfg: crosscoder.CrosscoderConfig, export: Path, store: ActivationStore,
-                     snapshots: Sequence[str] | None) -> list[int] | None:
-    """The store's snapshot indices the crosscoder was trained on (None: all, in store order); raise CrossjaxError
-    naming both sides if the export and the store describe different data. `snapshots`: the run's summary names."""
-    meta = store.meta
-    if snapshots is None and cfg.num_snapshots == meta.num_snapshots:
-        snapshots = meta.snapshots
-    unknown = [] if snapshots is None else [s for s in snapshots if s not in meta.snapshots]
-    if cfg.d_model != meta.d_model or snapshots is None or unknown or len(snapshots) != cfg.num_snapshots:
-        trained = f"snapshots {list(snapshots)}" if snapshots is not None else f"{cfg.num_snapshots} snapshots"
-        raise CrossjaxError(
-            f"the crosscoder in {export} was trained on {trained} of d_model {cfg.d_model}, but the store "
-            f"{store.url} holds snapshots {list(meta.snapshots)} of d_model {meta.d_model}: pass the store the "
-            "crosscoder was trained on.")
-    columns = [meta.snapshots.index(s) for s in snapshots]
-    return None if columns == list(range(meta.num_snapshots)) else columns
-
-
-def _read_columns(store: ActivationStore, start: int, stop: int, columns: list[int] | None) -> np.ndarray:
-    """Rows [start, stop) of the snapshots the crosscoder was trained on: [n, S, D] storage dtype."""
-    acts = store.read_rows(start, stop)
-    return acts if columns is None else acts[:, columns]
-
-
-def _load_tokenizer(tokenizer: Any):
-    """A tokenizers.Tokenizer (or anything with decode) from an object, a tokenizer.json path or its directory."""
-    if tokenizer is None or hasattr(tokenizer, "decode"):
-        return tokenizer
-    p = Path(tokenizer)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise CrossjaxError(f"tokenizer file {p} not found: pass a tokenizers.Tokenizer, a tokenizer.json path or "
-                            "a snapshot directory that holds tokenizer.json.")
-    import tokenizers
-
-    return tokenizers.Tokenizer.from_file(str(p))
+# The index
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -189,91 +104,6 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
     except TypeError:  # decoders without the keyword
         return tokenizer.decode(ids)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The scan: one jitted step per batch of rows
-
-
-def _feature_values(params, x, cfg: crosscoder.CrosscoderConfig):
-    """x [B,S,D] normalised -> (a [B,F] activation per row, active_per_snapshot [S,F] int32 counts over the batch)."""
-    h = crosscoder.encode(params, x)
-    acts = crosscoder.activate(params, h, cfg)
-    if acts.ndim == 3:  # jumprelu, gated per snapshot: [B,S,F]; open gates carry h > 0
-        gate = acts > 0
-        a = jnp.where(jnp.any(gate, axis=1), h, 0.0)
-        per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
-    else:
-        a = acts
-        per_snapshot = jnp.broadcast_to(jnp.sum(a > 0, axis=0, dtype=jnp.int32), (cfg.num_snapshots, a.shape[1]))
-    return a, per_snapshot
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _scan_step(top, params, acts, scales, rows, context_ids, positions, token_ids, *, cfg, k):
-    """Folds one batch (acts [B,S,D] storage dtype, token arrays [B]) into the running top-k `top` ({.. [F,k]}).
-
-    Returns (top, count [F], act_sum [F], per_snapshot [S,F]) with the batch's own counts and sums.
-    """
-    a, per_snapshot = _feature_values(params, crosscoder.normalize(acts, scales), cfg)
-    active = a > 0
-    cand = jnp.where(active, a, -jnp.inf).T  # [F,B]; inactive rows never enter the top-k
-    vals, idx = jax.lax.top_k(cand, min(k, cand.shape[1]))
-    batch = {"value": vals, "row": rows[idx], "context": context_ids[idx], "position": positions[idx],
-             "token": token_ids[idx]}
-    # running entries first: they hold lower rows, and top_k keeps the lower index among equal values
-    merged = {n: jnp.concatenate([top[n], batch[n]], axis=1) for n in top}
-    _, pick = jax.lax.top_k(merged["value"], k)
-    top = {n: jnp.take_along_axis(v, pick, axis=1) for n, v in merged.items()}
-    return top, jnp.sum(active, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0), per_snapshot
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _row_values(params, acts, scales, *, cfg):
-    return _feature_values(params, crosscoder.normalize(acts, scales), cfg)[0]
-
-
-def _window_keys(context: np.ndarray, position: np.ndarray, window: int) -> np.ndarray:
-    """Sorted unique keys (context << 32 | position) of the positions within `window` of each (context, position)."""
-    offsets = np.arange(-window, window + 1, dtype=np.int64)
-    pos = position.astype(np.int64)[:, None] + offsets[None, :]
-    ctx = np.broadcast_to(context.astype(np.int64)[:, None], pos.shape)
-    keep = pos >= 0
-    return np.unique((ctx[keep] << 32) | pos[keep])
-
-
-def _collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, tokens): the stored token of every wanted key (context << 32 | position) that is a row of the store.
-
-    One pass over the token arrays, ``_TOKEN_CHUNK`` rows at a time; memory is bounded by ``wanted``.
-    """
-    found_keys, found_tokens = [], []
-    n = store.meta.num_rows
-    bar = _progress(n, "context windows", progress)
-    for a in range(0, n, _TOKEN_CHUNK):
-        b = min(a + _TOKEN_CHUNK, n)
-        t = store.read_tokens(a, b)
-        keys = (t["context_ids"].astype(np.int64) << 32) | t["positions"].astype(np.int64)
-        at = np.searchsorted(wanted, keys)
-        hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == keys)
-        found_keys.append(keys[hit])
-        found_tokens.append(t["token_ids"][hit])
-        bar.update(b - a)
-    bar.close()
-    keys = np.concatenate(found_keys) if found_keys else np.zeros(0, np.int64)
-    tokens = np.concatenate(found_tokens) if found_tokens else np.zeros(0, np.int32)
-    keys, first = np.unique(keys, return_index=True)  # a well-formed store has each (context, position) once
-    return keys, tokens[first].astype(np.int32)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, dynamic_ncols=True, disable=not enabled)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The index
 
 
 class FeatureIndex:
@@ -312,82 +142,12 @@ class FeatureIndex:
         max_rows: scan only the first rows (the store's rows are shuffled, so this is a random sample).
         window: positions on each side of a top example whose tokens are kept for :meth:`top_examples`.
         """
-        for name, value in (("top_k", top_k), ("batch_rows", batch_rows)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise CrossjaxError(f"FeatureIndex.build: {name}={value!r} must be a positive integer.")
-        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-            raise CrossjaxError(f"FeatureIndex.build: window={window!r} must be an integer >= 0.")
-        if max_rows is not None and (not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
-            raise CrossjaxError(f"FeatureIndex.build: max_rows={max_rows!r} must be a positive integer or None.")
-        export, summary = _resolve_export(export_dir_or_workdir)
-        if store_url is None:
-            if not summary or not summary.get("store"):
-                raise CrossjaxError(f"no store_url given and no summary.json naming the store beside {export}: "
-                                    "pass store_url (the activation store the crosscoder was trained on).")
-            store_url = summary["store"]
-        params_np, scales, cfg = crosscoder.load_exported(str(export))
-        store = ActivationStore.open(store_url)
-        columns = _trained_columns(cfg, export, store, summary.get("snapshots") if summary else None)
-
-        n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
-        f = cfg.num_features
-        params = {k: jnp.asarray(v) for k, v in params_np.items()}
-        scales_j = jnp.asarray(scales)
-        top = {"value": jnp.full((f, top_k), -jnp.inf, jnp.float32)}
-        for name in ("row", "context", "position", "token"):
-            top[name] = jnp.full((f, top_k), -1, jnp.int32)
-        count = np.zeros(f, np.int64)
-        act_sum = np.zeros(f, np.float64)
-        per_snapshot = np.zeros((cfg.num_snapshots, f), np.int64)
-        bar = _progress(n, "feature index", progress)
-        for a in range(0, n, batch_rows):
-            b = min(a + batch_rows, n)
-            acts = _read_columns(store, a, b, columns)
-            t = store.read_tokens(a, b)
-            rows = np.arange(a, b, dtype=np.int32)
-            top, c, s, ps = _scan_step(top, params, acts, scales_j, rows, t["context_ids"], t["positions"],
-                                       t["token_ids"], cfg=cfg, k=int(top_k))
-            count += np.asarray(c)  # host accumulators: exact counts, float64 sums over many batches
-            act_sum += np.asarray(s, np.float64)
-            per_snapshot += np.asarray(ps)
-            bar.update(b - a)
-        bar.close()
-
-        top = {name: np.array(v) for name, v in top.items()}  # writable host copies
-        empty = ~np.isfinite(top["value"])
-        top["value"][empty] = 0.0
-        for name in ("row", "context", "position", "token"):
-            top[name][empty] = -1
-        filled = ~empty
-        wanted = _window_keys(top["context"][filled], top["position"][filled], int(window))
-        if len(wanted):
-            window_keys, window_tokens = _collect_tokens(store, wanted, progress=progress)
-        else:
-            window_keys, window_tokens = np.zeros(0, np.int64), np.zeros(0, np.int32)
-
-        w_dec = params_np["W_dec"]
-        arrays = {
-            "count": count, "act_sum": act_sum, "count_per_snapshot": per_snapshot,
-            "top_value": top["value"].astype(np.float32), "top_row": top["row"].astype(np.int64),
-            "top_context": top["context"], "top_position": top["position"], "top_token": top["token"],
-            "norms": evolution.decoder_norms(w_dec),
-            "consecutive_cosine": evolution.consecutive_cosine(w_dec).reshape(max(cfg.num_snapshots - 1, 0), f),
-            "cosine_to_final": evolution.cosine_to_snapshot(w_dec, -1),
-            "window_keys": window_keys, "window_tokens": window_tokens,
-        }
-        info = {
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "snapshots": [store.meta.snapshots[i] for i in (columns or range(store.meta.num_snapshots))],
-            "store_columns": columns,
-            "num_features": f, "d_model": cfg.d_model, "activation": cfg.activation, "rows_scanned": int(n),
-            "store_rows": int(store.meta.num_rows), "top_k": int(top_k), "batch_rows": int(batch_rows),
-            "window": int(window), "emergence_threshold": float(emergence_threshold),
-            "context_len": store.meta.context_len, "export_dir": str(export.resolve()),
-            "export_sha256": _file_sha256(export / crosscoder.EXPORT_WEIGHTS), "store_url": store.url,
-            "store_meta_sha256": hashlib.sha256(store.meta.to_json()).hexdigest(),
-        }
-        index = cls(arrays, info)
-        index._export = (params, scales_j, cfg)
-        index._store = store
+        scan = index_build.scan(export_dir_or_workdir, store_url, max_rows=max_rows, top_k=top_k,
+                                batch_rows=batch_rows, window=window, emergence_threshold=emergence_threshold,
+                                progress=progress)
+        index = cls(scan.arrays, scan.info)
+        index._export = scan.export
+        index._store = scan.store
         return index
 
     # ---- saving --------------------------------------------------------------------------------------------
@@ -430,8 +190,8 @@ class FeatureIndex:
         """Use these export and store (e.g. moved copies) for queries that need them; both must be the ones the
         index was built from (same weights, same store metadata)."""
         if export_dir is not None:
-            export, _ = _resolve_export(export_dir)
-            sha = _file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+            export, _ = index_build.resolve_export(export_dir)
+            sha = index_build.file_sha256(export / crosscoder.EXPORT_WEIGHTS)
             if sha != self.info["export_sha256"]:
                 raise CrossjaxError(f"the crosscoder weights in {export} differ from the ones this index was built "
                                     f"from ({self.info['export_dir']}): pass that export, or rebuild the index.")
@@ -499,15 +259,6 @@ class FeatureIndex:
             raise CrossjaxError(f"feature {i!r} is out of range: this crosscoder has features 0..{self.num_features - 1}.")
         return int(i)
 
-    def _snapshot_index(self, snapshot) -> int:
-        if isinstance(snapshot, str):
-            if snapshot not in self.snapshots:
-                raise CrossjaxError(f"snapshot {snapshot!r} is not one of {list(self.snapshots)}.")
-            return self.snapshots.index(snapshot)
-        if isinstance(snapshot, bool) or not isinstance(snapshot, (int, np.integer)) or not 0 <= snapshot < len(self.snapshots):
-            raise CrossjaxError(f"snapshot {snapshot!r} is out of range: give a name or an index in [0, {len(self.snapshots)}).")
-        return int(snapshot)
-
     # ---- queries -------------------------------------------------------------------------------------------
 
     def feature(self, i: int, *, tokenizer: Any = None, k: int | None = None, window: int | None = None) -> FeatureReport:
@@ -544,11 +295,12 @@ class FeatureIndex:
         n = int(np.sum(rows >= 0))
         ctx, pos = self._a["top_context"][i, :n], self._a["top_position"][i, :n]
         if window > max(self.window, self._window_of.get(i, 0)) and n:
-            keys, toks = _collect_tokens(self._get_store(), _window_keys(ctx, pos, window), progress=False)
+            keys, toks = index_build.collect_tokens(self._get_store(), index_build.window_keys(ctx, pos, window),
+                                                      progress=False)
             self._wkeys, first = np.unique(np.concatenate([self._wkeys, keys]), return_index=True)
             self._wtokens = np.concatenate([self._wtokens, toks])[first]
             self._window_of[i] = window
-        tok = _load_tokenizer(tokenizer)
+        tok = open_tokenizer(tokenizer)
         t_len = self.info.get("context_len")
         out = []
         for j in range(n):
@@ -582,7 +334,7 @@ class FeatureIndex:
         evolution.KINDS), activation frequency within [min_frequency, max_frequency]."""
         keep = (self.frequency >= min_frequency) & (self.frequency <= max_frequency)
         if emerged_at is not None:
-            keep &= self.emergence == self._snapshot_index(emerged_at)
+            keep &= self.emergence == index_of(emerged_at, self.snapshots, where="this index")
         if kind is not None:
             if kind not in evolution.KINDS:
                 raise CrossjaxError(f"kind={kind!r} is not one of {list(evolution.KINDS)}.")
@@ -600,11 +352,11 @@ class FeatureIndex:
             b = int(self.info["batch_rows"])
             a0 = row // b * b
             end = self.rows_scanned if row < self.rows_scanned else store.meta.num_rows
-            acts = _read_columns(store, a0, min(a0 + b, end), self.info.get("store_columns"))
-            a = np.asarray(_row_values(params, acts, scales, cfg=cfg))[row - a0]
+            acts = index_build.read_columns(store, a0, min(a0 + b, end), self.info.get("store_columns"))
+            a = np.asarray(index_build.row_values(params, acts, scales, cfg=cfg))[row - a0]
         else:
-            acts = _read_columns(store, row, row + 1, self.info.get("store_columns"))
-            a = np.asarray(_row_values(params, acts, scales, cfg=cfg))[0]
+            acts = index_build.read_columns(store, row, row + 1, self.info.get("store_columns"))
+            a = np.asarray(index_build.row_values(params, acts, scales, cfg=cfg))[0]
         active = np.flatnonzero(a > 0)
         order = active[np.lexsort((active, -a[active]))][:k]
         return [(int(f), float(a[f])) for f in order]

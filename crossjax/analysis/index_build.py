@@ -1,0 +1,284 @@
+"""Building a FeatureIndex: one streaming pass of an exported crosscoder over an activation store.
+
+`scan` reads the store ``batch_rows`` rows at a time (memory: one batch plus the per-feature statistics), then
+the store's token arrays only (12 bytes per row) to collect the tokens around every top example. Statistics per
+feature: how often it is active (per snapshot too, for JumpReLU's per-snapshot gates), its mean activation when
+active, the ``top_k`` rows with the largest activation (ties: the lower row, by a streaming top-k merge), and the
+decoder-norm evolution (crossjax.analysis.evolution).
+
+A feature's activation on a row is its value in crosscoder.forward: relu/topk/batchtopk give one value per row;
+for JumpReLU the value f[b,s,i] = h[b,i] 1[h n[s,i] > theta_i] is h in every snapshot whose gate opens, so the
+row's activation is h when the gate opens in any snapshot and 0 otherwise. BatchTopK activations depend on the
+batch; the scan uses consecutive batches of ``batch_rows`` rows.
+
+The export and the store are found from a training workdir (export/ + summary.json) or an export directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crossjax import console, crosscoder
+from crossjax.analysis import evolution
+from crossjax.errors import CrossjaxError
+from crossjax.store import ActivationStore
+from crossjax.summary import SUMMARY_FILE, RunSummary
+
+INDEX_FORMAT = "crossjax.feature_index"
+INDEX_VERSION = 1
+_TOKEN_CHUNK = 1 << 20  # rows of token arrays read at once when collecting context windows
+
+
+class Scan(NamedTuple):
+    """What one pass yields: the index's arrays and settings, and the export and store it opened."""
+    arrays: dict[str, np.ndarray]
+    info: dict[str, Any]
+    export: tuple  # (params {name: jax.Array}, scales [S] jax.Array, CrosscoderConfig)
+    store: ActivationStore
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locating the export and the store
+
+
+class TrainedOn(NamedTuple):
+    """What the run's summary.json says the crosscoder was trained on."""
+    store: str                 # the activation store's URL ("" when the summary names none)
+    snapshots: list[str] | None  # the store's snapshots it was trained on, in order (None: not recorded)
+
+
+def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
+    """(export dir, what the workdir's summary.json says it was trained on, or None) from an export dir or a
+    training workdir."""
+    p = Path(path)
+    if not p.exists():
+        raise CrossjaxError(f"{p} does not exist: pass a training workdir (holding export/) or a crosscoder export "
+                            "directory (config.json + model.safetensors).")
+    # a workdir also holds a config.json (the training config), so look for export/ first
+    if (p / "export").is_dir():
+        export, summary_file = p / "export", p / SUMMARY_FILE
+    elif (p / crosscoder.EXPORT_CONFIG).is_file() and (p / crosscoder.EXPORT_WEIGHTS).is_file():
+        export, summary_file = p, p.parent / SUMMARY_FILE
+    else:
+        raise CrossjaxError(f"{p} is neither a crosscoder export ({crosscoder.EXPORT_CONFIG} + "
+                            f"{crosscoder.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
+                            "(python -m crossjax.train) or point at the export directory.")
+    if not summary_file.is_file():
+        return export, None
+    trained_on, summary_export = _read_summary(summary_file)
+    # an unrelated summary.json beside an export dir is not this export's
+    if summary_export and Path(summary_export).resolve() != export.resolve():
+        return export, None
+    return export, trained_on
+
+
+def _read_summary(path: Path) -> tuple[TrainedOn, str]:
+    """(what the run trained on, its export dir) from a summary.json."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CrossjaxError(f"{path} is not valid JSON ({e}); rerun training to rewrite it.") from e
+    if isinstance(raw, dict) and "version" not in raw:
+        # Version 1 (no "version" field), written by trainers before crossjax.summary. Drop this branch once
+        # no such workdirs are about: RunSummary.read refuses them with the fix.
+        return TrainedOn(raw.get("store") or "", raw.get("snapshots")), raw.get("export") or ""
+    summary = RunSummary.read(path)
+    return TrainedOn(summary.store, list(summary.snapshots)), summary.export
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _trained_columns(cfg: crosscoder.CrosscoderConfig, export: Path, store: ActivationStore,
+                     snapshots: Sequence[str] | None) -> list[int] | None:
+    """The store's snapshot indices the crosscoder was trained on (None: all, in store order); raise CrossjaxError
+    naming both sides if the export and the store describe different data. `snapshots`: the run's summary names."""
+    meta = store.meta
+    if snapshots is None and cfg.num_snapshots == meta.num_snapshots:
+        snapshots = meta.snapshots
+    unknown = [] if snapshots is None else [s for s in snapshots if s not in meta.snapshots]
+    if cfg.d_model != meta.d_model or snapshots is None or unknown or len(snapshots) != cfg.num_snapshots:
+        trained = f"snapshots {list(snapshots)}" if snapshots is not None else f"{cfg.num_snapshots} snapshots"
+        raise CrossjaxError(
+            f"the crosscoder in {export} was trained on {trained} of d_model {cfg.d_model}, but the store "
+            f"{store.url} holds snapshots {list(meta.snapshots)} of d_model {meta.d_model}: pass the store the "
+            "crosscoder was trained on.")
+    columns = [meta.snapshots.index(s) for s in snapshots]
+    return None if columns == list(range(meta.num_snapshots)) else columns
+
+
+def read_columns(store: ActivationStore, start: int, stop: int, columns: list[int] | None) -> np.ndarray:
+    """Rows [start, stop) of the snapshots the crosscoder was trained on: [n, S, D] storage dtype."""
+    acts = store.read_rows(start, stop)
+    return acts if columns is None else acts[:, columns]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scan: one jitted step per batch of rows
+
+
+def _feature_values(params, x, cfg: crosscoder.CrosscoderConfig):
+    """x [B,S,D] normalised -> (a [B,F] activation per row, active_per_snapshot [S,F] int32 counts over the batch)."""
+    h = crosscoder.encode(params, x)
+    acts = crosscoder.activate(params, h, cfg)
+    if acts.ndim == 3:  # jumprelu, gated per snapshot: [B,S,F]; open gates carry h > 0
+        gate = acts > 0
+        a = jnp.where(jnp.any(gate, axis=1), h, 0.0)
+        per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
+    else:
+        a = acts
+        per_snapshot = jnp.broadcast_to(jnp.sum(a > 0, axis=0, dtype=jnp.int32), (cfg.num_snapshots, a.shape[1]))
+    return a, per_snapshot
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def _scan_step(top, params, acts, scales, rows, context_ids, positions, token_ids, *, cfg, k):
+    """Folds one batch (acts [B,S,D] storage dtype, token arrays [B]) into the running top-k `top` ({.. [F,k]}).
+
+    Returns (top, count [F], act_sum [F], per_snapshot [S,F]) with the batch's own counts and sums.
+    """
+    a, per_snapshot = _feature_values(params, crosscoder.normalize(acts, scales), cfg)
+    active = a > 0
+    cand = jnp.where(active, a, -jnp.inf).T  # [F,B]; inactive rows never enter the top-k
+    vals, idx = jax.lax.top_k(cand, min(k, cand.shape[1]))
+    batch = {"value": vals, "row": rows[idx], "context": context_ids[idx], "position": positions[idx],
+             "token": token_ids[idx]}
+    # running entries first: they hold lower rows, and top_k keeps the lower index among equal values
+    merged = {n: jnp.concatenate([top[n], batch[n]], axis=1) for n in top}
+    _, pick = jax.lax.top_k(merged["value"], k)
+    top = {n: jnp.take_along_axis(v, pick, axis=1) for n, v in merged.items()}
+    return top, jnp.sum(active, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0), per_snapshot
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def row_values(params, acts, scales, *, cfg):
+    """Each row's feature activations a [B,F] of one batch acts [B,S,D] (storage dtype)."""
+    return _feature_values(params, crosscoder.normalize(acts, scales), cfg)[0]
+
+
+def window_keys(context: np.ndarray, position: np.ndarray, window: int) -> np.ndarray:
+    """Sorted unique keys (context << 32 | position) of the positions within `window` of each (context, position)."""
+    offsets = np.arange(-window, window + 1, dtype=np.int64)
+    pos = position.astype(np.int64)[:, None] + offsets[None, :]
+    ctx = np.broadcast_to(context.astype(np.int64)[:, None], pos.shape)
+    keep = pos >= 0
+    return np.unique((ctx[keep] << 32) | pos[keep])
+
+
+def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, tokens): the stored token of every wanted key (context << 32 | position) that is a row of the store.
+
+    One pass over the token arrays, ``_TOKEN_CHUNK`` rows at a time; memory is bounded by ``wanted``.
+    """
+    found_keys, found_tokens = [], []
+    n = store.meta.num_rows
+    bar = console.progress("index.windows", n, unit="row", unit_scale=True, enabled=progress)
+    for a in range(0, n, _TOKEN_CHUNK):
+        b = min(a + _TOKEN_CHUNK, n)
+        t = store.read_tokens(a, b)
+        keys = (t["context_ids"].astype(np.int64) << 32) | t["positions"].astype(np.int64)
+        at = np.searchsorted(wanted, keys)
+        hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == keys)
+        found_keys.append(keys[hit])
+        found_tokens.append(t["token_ids"][hit])
+        bar.update(b - a)
+    bar.close()
+    keys = np.concatenate(found_keys) if found_keys else np.zeros(0, np.int64)
+    tokens = np.concatenate(found_tokens) if found_tokens else np.zeros(0, np.int32)
+    keys, first = np.unique(keys, return_index=True)  # a well-formed store has each (context, position) once
+    return keys, tokens[first].astype(np.int32)
+
+
+def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max_rows: int | None, top_k: int,
+         batch_rows: int, window: int, emergence_threshold: float, progress: bool) -> Scan:
+    """The arrays and settings of a FeatureIndex (arguments: FeatureIndex.build)."""
+    for name, value in (("top_k", top_k), ("batch_rows", batch_rows)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise CrossjaxError(f"FeatureIndex.build: {name}={value!r} must be a positive integer.")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise CrossjaxError(f"FeatureIndex.build: window={window!r} must be an integer >= 0.")
+    if max_rows is not None and (not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
+        raise CrossjaxError(f"FeatureIndex.build: max_rows={max_rows!r} must be a positive integer or None.")
+    export, trained_on = resolve_export(export_dir_or_workdir)
+    if store_url is None:
+        if trained_on is None or not trained_on.store:
+            raise CrossjaxError(f"no store_url given and no summary.json naming the store beside {export}: "
+                                "pass store_url (the activation store the crosscoder was trained on).")
+        store_url = trained_on.store
+    params_np, scales, cfg = crosscoder.load_exported(str(export))
+    store = ActivationStore.open(store_url)
+    columns = _trained_columns(cfg, export, store, trained_on.snapshots if trained_on else None)
+
+    n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
+    f = cfg.num_features
+    params = {k: jnp.asarray(v) for k, v in params_np.items()}
+    scales_j = jnp.asarray(scales)
+    top = {"value": jnp.full((f, top_k), -jnp.inf, jnp.float32)}
+    for name in ("row", "context", "position", "token"):
+        top[name] = jnp.full((f, top_k), -1, jnp.int32)
+    count = np.zeros(f, np.int64)
+    act_sum = np.zeros(f, np.float64)
+    per_snapshot = np.zeros((cfg.num_snapshots, f), np.int64)
+    bar = console.progress("index", n, unit="row", unit_scale=True, enabled=progress)
+    for a in range(0, n, batch_rows):
+        b = min(a + batch_rows, n)
+        acts = read_columns(store, a, b, columns)
+        t = store.read_tokens(a, b)
+        rows = np.arange(a, b, dtype=np.int32)
+        top, c, s, ps = _scan_step(top, params, acts, scales_j, rows, t["context_ids"], t["positions"],
+                                   t["token_ids"], cfg=cfg, k=int(top_k))
+        count += np.asarray(c)  # host accumulators: exact counts, float64 sums over many batches
+        act_sum += np.asarray(s, np.float64)
+        per_snapshot += np.asarray(ps)
+        bar.update(b - a)
+    bar.close()
+
+    top = {name: np.array(v) for name, v in top.items()}  # writable host copies
+    empty = ~np.isfinite(top["value"])
+    top["value"][empty] = 0.0
+    for name in ("row", "context", "position", "token"):
+        top[name][empty] = -1
+    filled = ~empty
+    wanted = window_keys(top["context"][filled], top["position"][filled], int(window))
+    if len(wanted):
+        keys, tokens = collect_tokens(store, wanted, progress=progress)
+    else:
+        keys, tokens = np.zeros(0, np.int64), np.zeros(0, np.int32)
+
+    w_dec = params_np["W_dec"]
+    arrays = {
+        "count": count, "act_sum": act_sum, "count_per_snapshot": per_snapshot,
+        "top_value": top["value"].astype(np.float32), "top_row": top["row"].astype(np.int64),
+        "top_context": top["context"], "top_position": top["position"], "top_token": top["token"],
+        "norms": evolution.decoder_norms(w_dec),
+        "consecutive_cosine": evolution.consecutive_cosine(w_dec).reshape(max(cfg.num_snapshots - 1, 0), f),
+        "cosine_to_final": evolution.cosine_to_snapshot(w_dec, -1),
+        "window_keys": keys, "window_tokens": tokens,
+    }
+    info = {
+        "format": INDEX_FORMAT, "version": INDEX_VERSION,
+        "snapshots": [store.meta.snapshots[i] for i in (columns or range(store.meta.num_snapshots))],
+        "store_columns": columns,
+        "num_features": f, "d_model": cfg.d_model, "activation": cfg.activation, "rows_scanned": int(n),
+        "store_rows": int(store.meta.num_rows), "top_k": int(top_k), "batch_rows": int(batch_rows),
+        "window": int(window), "emergence_threshold": float(emergence_threshold),
+        "context_len": store.meta.context_len, "export_dir": str(export.resolve()),
+        "export_sha256": file_sha256(export / crosscoder.EXPORT_WEIGHTS), "store_url": store.url,
+        "store_meta_sha256": hashlib.sha256(store.meta.to_json()).hexdigest(),
+    }
+    return Scan(arrays, info, (params, scales_j, cfg), store)
