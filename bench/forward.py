@@ -3,30 +3,32 @@
     python bench/forward.py [--d_model 512 --layers 6 --heads 8 --vocab 50304 --batch 8 --seq 512
                              --hook blocks.3.hook_resid_post --repeats 2 --store_batches 4]
 
-Pythia-70m shape by default (random weights). Prints one JSON object:
-- hook_tokens_per_s {flax, torch, ratio, cpu_ratio}: forward up to the hook layer (torch runs the same truncated
-  stack); ratio = flax/torch throughput by wall time, cpu_ratio the same by this process's CPU seconds;
-- full_tokens_per_s: the same for the whole model to logits;
+Pythia-70m shape by default (random weights). Everything timed on the crossjax side is the code the activation
+stage runs (crossjax.activations: its forward over models.Runner, its group buffers and its block writer).
+Prints one JSON object:
+- hook_tokens_per_s {flax, torch, ratio, cpu_ratio}: the stage's forward up to the hook layer, activations copied
+  to the host (torch runs the same truncated stack); ratio = flax/torch throughput by wall time, cpu_ratio the same
+  by this process's CPU seconds;
+- full_tokens_per_s: the same for the whole model to logits (models.Runner.logits);
 - bf16_hook_tokens_per_s: Flax with bfloat16 matmul inputs (float32 accumulation) against torch float32;
-- store: the cost of writing the hook activations to an ActivationStore (float16) after each forward, as a
-  fraction of the forward alone, written inline and written by a background thread while the next forward runs.
+- store: the cost of writing the hook activations to an ActivationStore (float16), one group of rows per forward
+  batch, as a fraction of computing the groups alone: written inline after each group, and written as the stage
+  writes them (activations.write_groups: a background thread writes one group while the next is computed).
 """
 import argparse
-import importlib.util
 import json
 import os
-import queue
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax.models import jit_forward, jit_run_hooks, validate_hook
+from crossjax import activations
+from crossjax.models import Runner, validate_hook
 from crossjax.models.load import load_snapshot
 
 
@@ -89,63 +91,57 @@ def torch_fns(model, ids_np, stop):
     return to_hook, full
 
 
-def store_overhead(model, a, hook, batches, rounds=2):
-    """Cost of writing each batch's hook activations to an ActivationStore, relative to the forward alone.
+def store_overhead(model, a, hook, mesh, rounds=2):
+    """Cost of writing the hook activations of `a.store_batches` forward batches to an ActivationStore, relative to
+    computing them alone, through the stage's own functions. Each group holds the rows of one forward batch (all
+    positions valid, rows shuffled within the group as the stage does).
 
     The machine may be shared, so the variants are interleaved and each is timed `rounds` times (best kept);
     CPU seconds of this process are reported beside wall seconds because they are less sensitive to other load.
     """
-    from crossjax.store import ActivationStore, StoreMeta
+    from crossjax.row_layout import RowLayout
+    from crossjax.store import DTYPES, ActivationStore, StoreMeta
+    from crossjax.tokens import Contexts
 
-    fn = jit_run_hooks(model, [hook])
     rows = a.batch * a.seq
-    fn(batches[0])[hook].block_until_ready()
+    num_contexts = a.batch * a.store_batches
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, a.vocab, size=(num_contexts, a.seq)).astype(np.int32)
+    contexts = Contexts(ids, np.ones(ids.shape, bool), np.arange(num_contexts))
+    layout = RowLayout.build(contexts, block_rows=rows, group_rows=rows, shuffle=True, seed=0)
+    groups = list(range(layout.num_groups))
+    dtype = DTYPES["float16"]
+    forward = activations.hook_forward(model, hook, dtype, mesh)
+    missing = {(b, 0) for b in range(layout.num_blocks)}
+    activations.group_activations(layout, 0, forward, a.batch, a.d_model, dtype)  # compile
 
-    def forward_only(store):
-        for ids in batches:
-            np.asarray(fn(ids)[hook])  # the device->host copy is part of any real use
+    def compute_only(store):
+        for g in groups:
+            activations.group_activations(layout, g, forward, a.batch, a.d_model, dtype)
 
     def inline(store):
-        for b, ids in enumerate(batches):
-            store.write_block(b, 0, np.asarray(fn(ids)[hook]).reshape(rows, a.d_model), overwrite=True)
+        for g in groups:
+            buf = activations.group_activations(layout, g, forward, a.batch, a.d_model, dtype)
+            activations.write_group(store, layout, 0, g, buf, missing)
 
-    def threaded(store):
-        q: queue.Queue = queue.Queue(maxsize=2)
-        errors = []
+    def background(store):
+        activations.write_groups(store, layout, 0, groups, forward, a.batch, missing=missing)
 
-        def writer():
-            while (item := q.get()) is not None:
-                try:
-                    store.write_block(item[0], 0, item[1], overwrite=True)
-                except Exception as e:  # surfaced after the loop
-                    errors.append(e)
-
-        t = threading.Thread(target=writer)
-        t.start()
-        out = fn(batches[0])[hook]
-        for b in range(len(batches)):
-            nxt = fn(batches[b + 1])[hook] if b + 1 < len(batches) else None  # dispatched before the write
-            q.put((b, np.asarray(out).reshape(rows, a.d_model)))
-            out = nxt
-        q.put(None)
-        t.join()
-        if errors:
-            raise errors[0]
-
-    variants = {"forward": forward_only, "inline": inline, "threaded": threaded}
+    variants = {"forward": compute_only, "inline": inline, "threaded": background}
     wall = {k: float("inf") for k in variants}
     cpu = {k: float("inf") for k in variants}
+    meta = StoreMeta(snapshots=("s0",), d_model=a.d_model, num_rows=layout.num_rows, block_rows=rows,
+                     dtype="float16", model="bench", hook=hook, context_len=a.seq)
     with tempfile.TemporaryDirectory() as d:
-        meta = StoreMeta(snapshots=("s0",), d_model=a.d_model, num_rows=rows * len(batches), block_rows=rows,
-                         dtype="float16", model="bench", hook=hook, context_len=a.seq)
-        store = ActivationStore.create(os.path.join(d, "store"), meta)
-        for _ in range(rounds):
+        for r in range(rounds):
             for name, run in variants.items():
+                store = ActivationStore.create(os.path.join(d, f"{name}{r}"), meta)  # a fresh store per run
                 w0, c0 = time.perf_counter(), time.process_time()
                 run(store)
                 wall[name] = min(wall[name], time.perf_counter() - w0)
                 cpu[name] = min(cpu[name], time.process_time() - c0)
-        assert all(snap is None for _, snap in store.missing_units())  # only token units are not written
+                if name != "forward":  # only the token units are left unwritten
+                    assert all(snap is None for _, snap in store.missing_units())
     return wall, cpu
 
 
@@ -172,14 +168,18 @@ def main(argv=None):
         model = load_snapshot(d).model
         bf16 = load_snapshot(d, dtype=jnp.bfloat16).model
     stop = validate_hook(model.cfg, a.hook)
-    ids = jnp.asarray(ids_np)
-    hook_fn = jit_run_hooks(model, [a.hook])
-    hook_bf16 = jit_run_hooks(bf16, [a.hook])
+    mesh = activations.local_mesh()
+    if mesh is not None and a.batch % mesh.size:
+        p.error(f"--batch {a.batch} must be a multiple of the {mesh.size} local devices")
+    # the activation stage's forward: hook activations on the host (float32 here: the comparison is exact work)
+    hook_fn = activations.hook_forward(model, a.hook, jnp.float32, mesh)
+    hook_bf16 = activations.hook_forward(bf16, a.hook, jnp.float32, mesh)
+    full_fn = Runner(model).logits
     t_hook, t_full = torch_fns(tmodel, ids_np, stop)
 
     # Parity first: the figures compare equal work only if the outputs agree.
     ref = t_hook().numpy() if stop < a.layers else None
-    got = np.asarray(hook_fn(ids)[a.hook])
+    got = hook_fn(ids_np)
     if ref is not None:
         ln = model.final_layer_norm(jnp.asarray(got))  # torch's last_hidden_state is after final_layer_norm
         assert np.allclose(np.asarray(ln), ref, atol=2e-3), "flax and torch hook activations disagree"
@@ -188,25 +188,20 @@ def main(argv=None):
                      "batch": a.batch, "seq": a.seq, "hook": a.hook},
            "devices": str(jax.devices()[0].platform), "torch_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count()}
-    t = timed({"flax": lambda: hook_fn(ids)[a.hook].block_until_ready(), "torch": t_hook,
-               "flax_bf16": lambda: hook_bf16(ids)[a.hook].block_until_ready()}, a.repeats)
+    t = timed({"flax": lambda: hook_fn(ids_np), "torch": t_hook, "flax_bf16": lambda: hook_bf16(ids_np)}, a.repeats)
     out["hook_tokens_per_s"] = figures(tokens, t, "flax")
     out["bf16_hook_tokens_per_s"] = figures(tokens, t, "flax_bf16")
     if not a.skip_full:
-        full_fn = jit_forward(model)
+        ids = jnp.asarray(ids_np)
         t = timed({"flax": lambda: full_fn(ids).block_until_ready(), "torch": t_full}, a.repeats)
         out["full_tokens_per_s"] = figures(tokens, t, "flax")
-    if importlib.util.find_spec("crossjax.store") is None:
-        out["store"] = "crossjax.store is not available"
-    else:
-        batches = [jnp.asarray(rng.integers(0, a.vocab, size=(a.batch, a.seq)).astype(np.int32))
-                   for _ in range(a.store_batches)]
-        wall, cpu = store_overhead(model, a, a.hook, batches)
-        out["store"] = {"batches": a.store_batches, "write_MB_per_batch": tokens * a.d_model * 2 / 1e6,
-                        "wall_s": wall, "cpu_s": cpu,
-                        "inline_overhead": wall["inline"] / wall["forward"] - 1,
-                        "threaded_overhead": wall["threaded"] / wall["forward"] - 1,
-                        "inline_cpu_overhead": cpu["inline"] / cpu["forward"] - 1}
+    wall, cpu = store_overhead(model, a, a.hook, mesh)
+    out["store"] = {"batches": a.store_batches, "write_MB_per_batch": tokens * a.d_model * 2 / 1e6,
+                    "wall_s": wall, "cpu_s": cpu,
+                    "inline_overhead": wall["inline"] / wall["forward"] - 1,
+                    "threaded_overhead": wall["threaded"] / wall["forward"] - 1,
+                    "inline_cpu_overhead": cpu["inline"] / cpu["forward"] - 1,
+                    "threaded_cpu_overhead": cpu["threaded"] / cpu["forward"] - 1}
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -13,19 +13,17 @@ Pipeline (``ensure_activations``), every check before anything is written, cheap
 4. Derive the row layout (row = a valid (context, position) pair, the same for every snapshot); create the store,
    or reopen it when its metadata is equal; write token ids, context ids and positions.
 5. For each snapshot (one model in memory at a time; the last one hashed goes first, it is still loaded): run the
-   jitted forward to the hook over the contexts of each group of blocks, place the valid positions into the
-   group's rows and write its blocks (in a background thread, while the next group is computed).
+   jitted forward to the hook (``models.Runner``) over the contexts of each group of blocks, place the valid
+   positions into the group's rows and write its blocks (in a background thread, while the next group is computed:
+   ``write_groups``).
 
 With several local devices, the forward batch is split over them and large weight matrices are sharded over them
 (``load_snapshot(mesh=...)``); ``contexts_per_batch`` is rounded up to a multiple of the device count.
 
-Row layout with ``activations.shuffle``: contexts are put in one seeded random order and their valid positions are
-enumerated in that order; consecutive ``shuffle_group_rows`` rows (rounded up to whole blocks) form a group, and the
-rows of each group are permuted by a seeded permutation of their own. So each block mixes the rows of every context
-of its group (about ``shuffle_group_rows / context_len`` contexts), every context is run once per snapshot (a context
-cut by a group boundary is run by both groups), and a group is computed in memory and written as contiguous blocks.
-The layout depends only on the contexts and the seed, so it is the same for every snapshot and every process.
-Without shuffling the rows are the valid positions in (context, position) order.
+Row layout (``crossjax.row_layout``): row = a valid (context, position) pair; with ``activations.shuffle`` the
+contexts are put in one seeded order and the rows of each group of ``shuffle_group_rows`` (whole blocks) are
+permuted, the same for every snapshot and every process. A group is computed in memory and written as contiguous
+blocks.
 
 Memory bound while writing: two group buffers ``group_rows x d_model`` in the store dtype (one being written, one
 being filled), one forward batch ``contexts_per_batch x context_len x d_model``, one model, and the contexts
@@ -41,120 +39,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
-import sys
-from typing import Sequence
+import os
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from crossjax import console
 from crossjax import store as store_lib
 from crossjax import tokens as tokens_lib
 from crossjax.errors import CrossjaxError
+from crossjax.row_layout import RowLayout
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``activations`` config section."""
-    return ml_collections.ConfigDict(
-        dict(
-            contexts_per_batch=8,  # contexts per forward call (fixed shape: one compilation)
-            shuffle=True,  # one seeded row permutation shared by all snapshots, applied at write time
-            seed=0,  # seeds the context order and the within-group row permutations
-            shuffle_group_rows=262_144,  # rows shuffled together and held in memory at once (whole blocks)
-        )
-    )
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Row layout
-
-
-@dataclasses.dataclass(frozen=True)
-class RowLayout:
-    """Where each valid (context, position) pair lives in the store.
-
-    contexts: the Contexts; order: [C] the order in which contexts are enumerated; cum: [C+1] valid-row offsets
-    along ``order``; group_rows: rows per group (a multiple of block_rows); shuffle and seed fix the permutations.
-    """
-
-    contexts: tokens_lib.Contexts
-    order: np.ndarray
-    cum: np.ndarray
-    block_rows: int
-    group_rows: int
-    shuffle: bool
-    seed: int
-
-    @classmethod
-    def build(cls, contexts: tokens_lib.Contexts, *, block_rows: int, group_rows: int, shuffle: bool,
-              seed: int) -> "RowLayout":
-        if block_rows <= 0:
-            raise CrossjaxError(f"store.block_rows={block_rows} must be positive.")
-        if group_rows <= 0:
-            raise CrossjaxError(f"activations.shuffle_group_rows={group_rows} must be positive.")
-        C = contexts.num_contexts
-        order = (np.random.default_rng((seed, 1)).permutation(C) if shuffle else np.arange(C)).astype(np.int64)
-        counts = contexts.valid.sum(axis=1)[order]
-        cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        group_rows = math.ceil(group_rows / block_rows) * block_rows
-        return cls(contexts, order, cum, int(block_rows), int(group_rows), bool(shuffle), int(seed))
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.cum[-1])
-
-    @property
-    def num_blocks(self) -> int:
-        return math.ceil(self.num_rows / self.block_rows)
-
-    @property
-    def blocks_per_group(self) -> int:
-        return self.group_rows // self.block_rows
-
-    @property
-    def num_groups(self) -> int:
-        return math.ceil(self.num_rows / self.group_rows)
-
-    def group_range(self, g: int) -> tuple[int, int]:
-        return g * self.group_rows, min((g + 1) * self.group_rows, self.num_rows)
-
-    def group_blocks(self, g: int) -> range:
-        return range(g * self.blocks_per_group, min((g + 1) * self.blocks_per_group, self.num_blocks))
-
-    def group_contexts(self, g: int) -> np.ndarray:
-        """Context indices [c] holding the rows of group g, in enumeration order."""
-        start, stop = self.group_range(g)
-        a = int(np.searchsorted(self.cum, start, side="right")) - 1
-        b = int(np.searchsorted(self.cum, stop, side="left"))
-        return self.order[a:b]
-
-    def group_rows_of(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of group g in stored order: (local context index into group_contexts(g), context, position), [n]."""
-        start, stop = self.group_range(g)
-        ctxs = self.group_contexts(g)
-        a = int(np.searchsorted(self.cum, start, side="right")) - 1
-        local, pos = [], []
-        for i, c in enumerate(ctxs):
-            p = np.flatnonzero(self.contexts.valid[c])
-            local.append(np.full(len(p), i, np.int64))
-            pos.append(p)
-        local_all, pos_all = np.concatenate(local), np.concatenate(pos)
-        skip = start - int(self.cum[a])  # rows of the first context that belong to the previous group
-        local_all, pos_all = local_all[skip:skip + stop - start], pos_all[skip:skip + stop - start]
-        if self.shuffle:
-            perm = np.random.default_rng((self.seed, 2, g)).permutation(stop - start)
-            local_all, pos_all = local_all[perm], pos_all[perm]
-        return local_all, ctxs[local_all], pos_all
-
-    def fingerprint(self) -> dict:
-        return dict(shuffle=self.shuffle, seed=self.seed, group_rows=self.group_rows,
-                    contexts_sha256=self.contexts.fingerprint(), num_contexts=self.contexts.num_contexts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,15 +90,6 @@ def snapshot_specs(model_cfg) -> tuple[list[str], list[tuple[str, str | None]]]:
         return names, [(model_cfg.repo, n) for n in names]
     raise CrossjaxError("neither model.path_template nor model.repo is set; give local snapshot directories "
                         "(path_template with '{snapshot}') or a Hub repo whose revisions are the snapshot names.")
-
-
-def _local_mesh():
-    """A 1-axis mesh over this process's devices (None with one device): the forward batch is split over it and
-    large weight matrices are sharded over it, so a model larger than one device's memory still loads."""
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return None
-    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _load(config, plan_or_specs, s: int, mesh):
@@ -245,28 +139,25 @@ def _model_dtype(name: str):
     return _DTYPES[name]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "hook", "out_dtype"))
-def _run_hook(graphdef, state, input_ids, *, hook: str, out_dtype):
-    # graphdef is static and equal for all snapshots of one architecture: compiled once, reused per snapshot
-    from flax import nnx
+def local_mesh():
+    """A 1-axis mesh over this process's devices (None with one device): the forward batch is split over it and
+    large weight matrices are sharded over it, so a model larger than one device's memory still loads."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
-    return nnx.merge(graphdef, state).run_hooks(input_ids, [hook])[hook].astype(out_dtype)
 
-
-def _hook_fn(model, hook: str, out_dtype, mesh):
-    """fn(input_ids [B, T] int32) -> hook activations [B, T, D] (host numpy, store dtype).
+def hook_forward(model, hook: str, out_dtype, mesh) -> Callable[[np.ndarray], np.ndarray]:
+    """fn(input_ids [B, T] int32) -> hook activations [B, T, D] on the host, in the store dtype (cast on device).
 
     With a mesh the batch is split over its 'data' axis (B must be a multiple of its size)."""
-    from flax import nnx
+    from crossjax.models.runner import Runner
 
-    graphdef, state = nnx.split(model)
+    sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    runner = Runner(model, input_sharding=sharding)
     out_dtype = jnp.dtype(out_dtype)
-    if mesh is None:
-        place = jnp.asarray
-    else:
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-        place = lambda ids: jax.device_put(ids, sharding)  # noqa: E731
-    return lambda ids: np.asarray(_run_hook(graphdef, state, place(ids), hook=hook, out_dtype=out_dtype))
+    return lambda ids: np.asarray(runner.hook(ids, hook, dtype=out_dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +188,7 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
     if int(contexts.input_ids.max()) >= neox.vocab_size:
         raise CrossjaxError(f"the tokenizer in {paths[0]} produced id {int(contexts.input_ids.max())} but the "
                             f"model's vocab_size is {neox.vocab_size}; the snapshot's tokenizer does not fit its model.")
-    mesh = _local_mesh()
+    mesh = local_mesh()
     plan = _inspect_snapshots(config, names, specs, mesh)  # hashes, architecture, tokenizer, duplicates
 
     # 2. rows
@@ -326,7 +217,9 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
     _write_tokens(store, layout, [g for g in my_groups if any((b, None) in missing for b in layout.group_blocks(g))],
                   missing)
     total = sum(np.diff(layout.group_range(g))[0] for gs in todo.values() for g in gs)
-    bar = _progress(int(total), meta, enabled=progress)
+    # rows written, summed over snapshots (rows/s = tokens/s)
+    bar = console.progress("activations", int(total), unit="tok", unit_scale=True, enabled=progress)
+    bar.set_postfix_str(f"store when complete ~{_fmt_bytes(store_size_bytes(meta))}", refresh=False)
     last = meta.num_snapshots - 1
     if not todo[last]:
         plan.kept = None
@@ -367,36 +260,59 @@ def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, group
         raise CrossjaxError(f"snapshot {plan.names[s]} changed on disk while activations were generated "
                             f"(hash {loaded.content_hash[:12]} != {plan.infos[s].content_hash[:12]}); run again.")
     out_dtype = store_lib.DTYPES[store.meta.dtype]
-    forward = _hook_fn(loaded.model, config.model.hook, out_dtype, mesh)
-    B = _batch_size(int(config.activations.contexts_per_batch), 1 if mesh is None else mesh.size)
+    forward = hook_forward(loaded.model, config.model.hook, out_dtype, mesh)
+    batch = _batch_size(int(config.activations.contexts_per_batch), 1 if mesh is None else mesh.size)
+    bar.set_description(f"activations {plan.names[s]}")
+    write_groups(store, layout, s, groups, forward, batch, missing=missing, on_rows=bar.update)
+
+
+def group_activations(layout: RowLayout, g: int, forward, batch: int, d_model: int, dtype) -> np.ndarray:
+    """The rows of group g in stored order, [group rows, d_model] in `dtype`: its contexts run by `forward` in
+    batches of `batch` (the last one padded with copies of context 0, whose outputs are discarded)."""
     ids = layout.contexts.input_ids
-    filler = ids[:1, :]  # rows that pad the last batch to B; their outputs are discarded
-    bar.set_description(plan.names[s])
-    # Blocks of one group are written by a background thread while the next group is computed: at most two
-    # group buffers exist at once.
+    local, _, pos = layout.group_rows_of(g)
+    ctxs = layout.group_contexts(g)
+    g0, g1 = layout.group_range(g)
+    buf = np.empty((g1 - g0, d_model), dtype)
+    # rows sorted by local context index, so each batch fills a contiguous run of them
+    by_ctx = np.argsort(local, kind="stable")
+    sorted_local = local[by_ctx]
+    for k in range(0, len(ctxs), batch):
+        inputs = ids[ctxs[k:k + batch]]
+        if len(inputs) < batch:
+            inputs = np.concatenate([inputs, np.repeat(ids[:1, :], batch - len(inputs), axis=0)])
+        acts = forward(inputs)  # [B, T, D]
+        lo, hi = np.searchsorted(sorted_local, [k, k + batch])
+        rows = by_ctx[lo:hi]
+        buf[rows] = acts[local[rows] - k, pos[rows]]
+    return buf
+
+
+def write_group(store, layout: RowLayout, s: int, g: int, buf: np.ndarray, missing: set) -> None:
+    """Writes the blocks of group g that `missing` lists for snapshot s, from the group's rows buf."""
+    g0 = layout.group_range(g)[0]
+    for b in layout.group_blocks(g):
+        if (b, s) in missing:
+            lo, hi = (r - g0 for r in store.block_range(b))
+            store.write_block(b, s, buf[lo:hi])
+
+
+def write_groups(store, layout: RowLayout, s: int, groups: Sequence[int], forward, batch: int, *, missing: set,
+                 on_rows: Callable[[int], object] | None = None) -> None:
+    """Computes snapshot s's rows of each group and writes the group's missing blocks.
+
+    The blocks of one group are written by a background thread while the next group is computed: at most two
+    group buffers exist at once. on_rows(n) is called as each group's n rows are handed to the writer."""
+    dtype = store_lib.DTYPES[store.meta.dtype]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for g in groups:
-            local, _, pos = layout.group_rows_of(g)
-            ctxs = layout.group_contexts(g)
-            g0, g1 = layout.group_range(g)
-            buf = np.empty((g1 - g0, store.meta.d_model), out_dtype)
-            # rows sorted by local context index, so each batch fills a contiguous run of them
-            by_ctx = np.argsort(local, kind="stable")
-            sorted_local = local[by_ctx]
-            for k in range(0, len(ctxs), B):
-                batch = ids[ctxs[k:k + B]]
-                if len(batch) < B:
-                    batch = np.concatenate([batch, np.repeat(filler, B - len(batch), axis=0)])
-                acts = forward(batch)  # [B, T, D]
-                lo, hi = np.searchsorted(sorted_local, [k, k + B])
-                rows = by_ctx[lo:hi]
-                buf[rows] = acts[local[rows] - k, pos[rows]]
+            buf = group_activations(layout, g, forward, batch, store.meta.d_model, dtype)
             if pending is not None:
                 pending.result()
-            blocks = [b for b in layout.group_blocks(g) if (b, s) in missing]
-            pending = writer.submit(_write_blocks, store, s, blocks, buf, g0)
-            bar.update(g1 - g0)
+            pending = writer.submit(write_group, store, layout, s, g, buf, missing)
+            if on_rows is not None:
+                on_rows(len(buf))
         if pending is not None:
             pending.result()
 
@@ -404,22 +320,6 @@ def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, group
 def _batch_size(contexts_per_batch: int, ndev: int) -> int:
     """Contexts per forward call: a multiple of the device count, one fixed shape (one compilation)."""
     return math.ceil(contexts_per_batch / ndev) * ndev
-
-
-def _write_blocks(store, s: int, blocks: Sequence[int], buf: np.ndarray, g0: int) -> None:
-    for b in blocks:
-        lo, hi = (r - g0 for r in store.block_range(b))
-        store.write_block(b, s, buf[lo:hi])
-
-
-def _progress(total: int, meta, *, enabled: bool):
-    """Rows written (summed over snapshots), with rows/s = tokens/s and the store's size when complete."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled or total == 0, dynamic_ncols=True,
-               file=sys.stderr)
-    bar.set_postfix_str(f"store when complete ~{_fmt_bytes(store_size_bytes(meta))}", refresh=False)
-    return bar
 
 
 def _fmt_bytes(n: float) -> str:
@@ -462,22 +362,15 @@ def _print_plan(meta, layout: RowLayout, contexts, batch: int, ndev: int, todo, 
 
 
 def _main() -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    """`python -m crossjax.activations --config=... --workdir=...`: the data stages of crossjax.train alone."""
+    from crossjax import cli
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/tiny.py:micro.")
-    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory; a relative store.path lives under it.")
-    distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-    flags.mark_flags_as_required(["config", "workdir"])
+    def make_store() -> None:
+        from crossjax import pipeline
+        store = pipeline.activation_store(pipeline.bind_suite(cli.CONFIG.value), os.path.abspath(cli.WORKDIR.value))
+        print(f"activation store ready: {store.url}", flush=True)
 
-    def main(argv):
-        del argv
-        if distributed.value:
-            jax.distributed.initialize()
-        url = ensure_activations(config_flag.value, workdir_flag.value)
-        print(f"activation store ready: {url}", flush=True)
-
-    app.run(main)
+    cli.main("activations", make_store)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,16 @@ The sleep happens outside the jitted step, so the numbers are those of an ordina
 import sys
 import time
 
-from crossjax.suite import pretrain
+from crossjax import configs
+from crossjax.suite import model, pretrain
 
 
 def main():
     out_dir, delay = sys.argv[1], float(sys.argv[2])
-    section = pretrain.default_config("micro")
+    section = configs.suite_config("micro")
     section.dir = out_dir
     section.progress = False
-    trainer = pretrain.get_trainer(pretrain.validate(section))
+    trainer = model.get_trainer(pretrain.validate(section))
     step = trainer.step
 
     def slow_step(*args):

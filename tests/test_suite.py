@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from crossjax import configs
+from crossjax import checkpoint
 from crossjax.errors import CrossjaxError
-from crossjax.suite import corpus, pretrain
+from crossjax.suite import corpus, dirs, model, pretrain, token_data, training
 from crossjax.suite import tokenizer as tokenizer_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def micro(path, **overrides):
-    section = pretrain.default_config("micro")
+    section = configs.suite_config("micro")
     section.dir = str(path)
     section.progress = False
     section.update(overrides)
@@ -67,10 +69,10 @@ def test_tokenizer_rejects_a_vocab_below_the_byte_alphabet():
 
 # ------------------------------------------------------------------------------------------- config, schedule
 def test_snapshot_schedule_is_pythia_like():
-    names = pretrain.snapshot_names(pretrain.default_config())
+    names = pretrain.snapshot_names(configs.suite_config())
     assert names == [f"step{n}" for n in
                      (0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800, 1000, 1200, 1400, 1600)]
-    assert pretrain.snapshot_steps(pretrain.default_config("micro")) == [0, 1, 2, 4, 8, 12, 24, 36, 48]
+    assert pretrain.snapshot_steps(configs.suite_config("micro")) == [0, 1, 2, 4, 8, 12, 24, 36, 48]
     explicit = micro("/x", snapshots=[0, 5, 48])
     assert pretrain.snapshot_names(explicit) == ["step0", "step5", "step48"]
     with pytest.raises(CrossjaxError, match="snapshots"):
@@ -86,13 +88,13 @@ def test_bad_settings_are_named():
 
 def test_chunk_sampler_is_a_function_of_seed_and_step_and_covers_each_epoch():
     stream = np.arange(100 * 4, dtype=np.uint16)
-    a = pretrain.ChunkSampler(stream, 4, 10, seed=3)
-    b = pretrain.ChunkSampler(stream, 4, 10, seed=3)
+    a = token_data.ChunkSampler(stream, 4, 10, seed=3)
+    b = token_data.ChunkSampler(stream, 4, 10, seed=3)
     assert np.array_equal(a.batch(17), b.batch(17))  # random access: no state carried between steps
     epoch0 = np.concatenate([a.batch(s) for s in range(10)])
     assert sorted(epoch0[:, 0] // 4) == list(range(100))  # every chunk exactly once per epoch
     assert not np.array_equal(a.batch(10), a.batch(0))  # the next epoch is reshuffled
-    assert not np.array_equal(pretrain.ChunkSampler(stream, 4, 10, seed=4).batch(0), a.batch(0))
+    assert not np.array_equal(token_data.ChunkSampler(stream, 4, 10, seed=4).batch(0), a.batch(0))
 
 
 def test_default_dir_is_named_by_the_config(monkeypatch, tmp_path):
@@ -145,7 +147,7 @@ def test_heldout_loss_falls_and_matches_an_independent_evaluation(built):
     assert all(b <= a + 0.02 for a, b in zip(held, held[1:])), held  # no snapshot is clearly worse than the last
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.8
     # The recorded held-out loss equals PyTorch's loss on the same fixed held-out contexts.
-    sample = pretrain.eval_sample(np.load(built / "data" / "heldout.npy"), section.context_len, section.eval_contexts)
+    sample = token_data.eval_sample(np.load(built / "data" / "heldout.npy"), section.context_len, section.eval_contexts)
     for rec in (records[0], records[-1]):
         model = GPTNeoXForCausalLM.from_pretrained(str(built / rec["name"])).eval()
         ids = torch.from_numpy(sample.astype(np.int64))
@@ -158,7 +160,7 @@ def test_a_complete_suite_is_reused_without_training(built, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a complete suite must not be trained again")
 
-    monkeypatch.setattr(pretrain, "_train", boom)
+    monkeypatch.setattr(training, "train", boom)
     before = (built / "step48" / "model.safetensors").stat().st_mtime_ns
     assert pretrain.ensure_suite(micro(built)) == built
     assert (built / "step48" / "model.safetensors").stat().st_mtime_ns == before
@@ -185,8 +187,8 @@ def test_same_seed_gives_identical_weights(built, tmp_path):
             assert np.array_equal(a[k], b[k]), (name, k)
     assert (built / "losses.json").read_text() == (again / "losses.json").read_text()
     # The comparison can fail: another seed starts from other weights.
-    p0 = pretrain.init_params(pretrain.validate(micro(built)))[1]
-    p1 = pretrain.init_params(pretrain.validate(micro(built, seed=1)))[1]
+    p0 = model.init_params(pretrain.validate(micro(built)))[1]
+    p1 = model.init_params(pretrain.validate(micro(built, seed=1)))[1]
     assert not np.array_equal(np.asarray(p0["embed_in"]["embedding"][...]), np.asarray(p1["embed_in"]["embedding"][...]))
     # ... and consecutive snapshots differ (step1 is a real update).
     assert not np.array_equal(snapshot_tensors(built, "step0")["embed_out.weight"],
@@ -200,7 +202,7 @@ def test_a_build_killed_mid_way_resumes_to_the_same_weights(built, tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            rec = pretrain._read_json(root / "losses.json") if (root / "losses.json").exists() else None
+            rec = dirs.read_json(root / "losses.json")
             if rec and rec["snapshots"][-1]["step"] >= 12:  # step 12 saved; steps 13..48 not yet
                 break
             time.sleep(0.05)
@@ -211,7 +213,11 @@ def test_a_build_killed_mid_way_resumes_to_the_same_weights(built, tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
-    assert not (root / "DONE.json").exists() and (root / "state" / "latest.npz").exists()
+    state = checkpoint.Checkpoints(root / training.STATE_DIR, keep=1, async_save=False)
+    try:
+        assert not (root / "DONE.json").exists() and state.latest_step() is not None  # killed with a checkpoint
+    finally:
+        state.close()
     assert not (root / "step48").exists()
 
     pretrain.ensure_suite(micro(root))
@@ -223,39 +229,31 @@ def test_a_build_killed_mid_way_resumes_to_the_same_weights(built, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def _load_experiment(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_micro_pipeline_suite_to_summary(built, tmp_path, monkeypatch):
     """experiments/tiny.py:micro: suite -> activations of 4 snapshots -> crosscoder -> summary.json."""
+    from crossjax import pipeline
     from crossjax import store as store_lib
-    from crossjax import trainer
     from crossjax.models import load as model_load
+    from crossjax.summary import RunSummary
 
     monkeypatch.setenv("CROSSJAX_CACHE", str(tmp_path / "cache"))
-    config = _load_experiment("tiny").get_config("micro")
-    # The experiment's suite settings are the micro preset: point it at the suite this module built (reused as is).
+    config = configs.load_experiment(f"{REPO}/experiments/tiny.py:micro")
+    # The experiment's suite settings are the micro preset, and the pipeline (not the experiment) finds the suite
     assert pretrain.fingerprint(config.suite) == pretrain.fingerprint(micro(built))
-    assert config.model.path_template == str(tmp_path / "cache" / f"suite-{pretrain.fingerprint(micro(built))[:12]}"
-                                             / "{snapshot}")
-    config.suite.dir = str(built)
-    config.model.path_template = str(built / "{snapshot}")
-    summary = trainer.run(config, str(tmp_path / "work"))
+    assert config.model.path_template == ""
+    assert pipeline.bind_suite(config).model.path_template == str(
+        tmp_path / "cache" / f"suite-{pretrain.fingerprint(micro(built))[:12]}" / "{snapshot}")
+    config.suite.dir = str(built)                     # the suite this module built (reused as is)
+    summary = pipeline.run(config, str(tmp_path / "work"))
 
-    on_disk = json.loads((tmp_path / "work" / "summary.json").read_text())
-    assert on_disk["snapshots"] == ["step0", "step4", "step12", "step48"] == list(config.model.snapshots)
-    assert on_disk["steps"] == 60 and on_disk["eval"]["ev_mean"] == pytest.approx(summary["eval"]["ev_mean"])
-    ev = on_disk["eval"]["ev"]
+    on_disk = RunSummary.read(tmp_path / "work")
+    assert on_disk.snapshots == ["step0", "step4", "step12", "step48"] == list(config.model.snapshots)
+    assert on_disk.steps == 60 and on_disk.heldout["ev_mean"] == pytest.approx(summary.heldout["ev_mean"])
+    ev = on_disk.heldout["ev"]
     assert len(ev) == 4 and min(ev) > 0.4, ev  # the crosscoder learned every snapshot (EV about 0.7-0.8)
     assert not (tmp_path / "cache").exists()  # nothing was built outside the given suite dir
     # The store holds activations of exactly the suite's snapshots (content hashes of the saved weights).
-    store = store_lib.ActivationStore.open(on_disk["store"])
+    store = store_lib.ActivationStore.open(on_disk.store)
     want = [model_load.load_snapshot(str(built / n)).content_hash for n in config.model.snapshots]
     assert list(store.meta.snapshot_hashes) == want
     assert store.meta.hook == "blocks.0.hook_resid_post" and store.meta.d_model == 32
@@ -264,13 +262,19 @@ def test_micro_pipeline_suite_to_summary(built, tmp_path, monkeypatch):
 
 
 def test_a_whole_config_is_checked_against_the_suite_before_any_work(tmp_path, monkeypatch):
+    from crossjax import pipeline
+
     monkeypatch.setenv("CROSSJAX_CACHE", str(tmp_path))
-    config = _load_experiment("tiny").get_config("micro")
-    config.suite.steps = 40  # a command-line override: the derived snapshot paths no longer fit
+    config = configs.load_experiment(f"{REPO}/experiments/tiny.py:micro")
+    stale = str(pretrain.suite_dir(config.suite) / "{snapshot}")   # the suite's path before the override
+    config.suite.steps = 40  # a command-line override: the snapshots listed are no longer all saved
     with pytest.raises(CrossjaxError, match=r"model.snapshots has \['step12', 'step48'\]"):
-        pretrain.ensure_suite(config)
+        pipeline.bind_suite(config)
+    with pytest.raises(CrossjaxError, match=r"model.snapshots has \['step12', 'step48'\]"):
+        pipeline.run(config, str(tmp_path / "work"))
     config.model.snapshots = ["step0", "step40"]
+    config.model.path_template = stale                 # a path given by hand that no longer fits
     with pytest.raises(CrossjaxError, match="does not point into the suite") as e:
         pretrain.ensure_suite(config)
     assert str(pretrain.suite_dir(config.suite) / "{snapshot}") in str(e.value)
-    assert list(tmp_path.iterdir()) == []  # nothing built
+    assert list(tmp_path.iterdir()) == []  # nothing built, no workdir made

@@ -38,22 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crossjax import console
 from crossjax import crosscoder as cc
 from crossjax.errors import CrossjaxError
 from crossjax.models.gpt_neox import lm_loss, parse_hook
 from crossjax.models.load import LoadedSnapshot, load_snapshot
+from crossjax.models.runner import Runner
 
 Reconstruct = Callable[[np.ndarray], Any]  # x [n,S,D] normalised -> xhat [n,S,D] normalised
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Jitted pieces; the graphdef is static so snapshots of one architecture share one compilation
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
-def _hook_resid(graphdef, state, input_ids, mask, *, hook):
-    """[B,T] -> the residual at `hook`, [B,T,D] float32."""
-    return nnx.merge(graphdef, state).run_hooks(input_ids, [hook], mask)[hook]
+# Jitted pieces (the residual at the hook comes from models.Runner); the graphdef is static so snapshots of
+# one architecture share one compilation
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
@@ -181,6 +178,7 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
     reconstruct: replaces the crosscoder's forward: x * scales [n,S,D] -> reconstruction in the same space.
     scales: [S] normalisation scales, overriding the crosscoder's (default: ones without a crosscoder).
     batch_size: contexts per forward; rows_per_batch: rows per crosscoder forward.
+    progress: say each snapshot's losses on stderr (crossjax.spliced: ...) as they are measured.
     Returns {snapshot name: {clean_loss, spliced_loss, zero_ablated_loss, loss_recovered, delta_loss, pairs}}.
     """
     items = _snapshot_items(snapshots)
@@ -214,16 +212,16 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
     x = None
     for s, (name, snap) in enumerate(items):
         loaded = checked(name, snap)
-        graphdef, state = nnx.split(loaded.model)
+        runner = Runner(loaded.model)
         if x is None:
             x = np.empty((n, num_s, loaded.config.hidden_size), np.float32)
         elif x.shape[2] != loaded.config.hidden_size:
             raise CrossjaxError(f"snapshot {name!r} has hidden size {loaded.config.hidden_size}, the first snapshot "
                                 f"{x.shape[2]}: all snapshots must be one architecture.")
         for sl in batches:
-            resid = np.asarray(_hook_resid(graphdef, state, ids[sl], mask[sl], hook=hook))
+            resid = np.asarray(runner.hook(ids[sl], hook, mask[sl]))
             x[row_start[sl.start]:row_start[sl.stop], s] = resid[valid[sl]]
-        del loaded, graphdef, state
+        del loaded, runner
 
     # pass 2: reconstruct in the crosscoder's normalised space, back to the model's scale, in place
     for a in range(0, n, rows_per_batch):
@@ -253,7 +251,6 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
         recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
         out[name] = dict(clean_loss=float(clean), spliced_loss=float(spliced), zero_ablated_loss=float(zero),
                          loss_recovered=float(recovered), delta_loss=float(spliced - clean), pairs=int(pairs))
-        if progress:
-            print(f"{name}: clean {clean:.4f}  spliced {spliced:.4f}  zero-ablated {zero:.4f}  "
-                  f"recovered {recovered:.3f}", flush=True)
+        console.say("spliced", f"{name}: clean {clean:.4f}  spliced {spliced:.4f}  zero-ablated {zero:.4f}  "
+                    f"recovered {recovered:.3f}", enabled=progress)
     return out

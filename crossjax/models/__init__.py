@@ -1,12 +1,10 @@
-"""GPT-NeoX (Pythia) in Flax NNX and loading of Hugging Face snapshots."""
+"""GPT-NeoX (Pythia) in Flax NNX, loading and saving of Hugging Face snapshots, and the jitted runner."""
 from crossjax.models.gpt_neox import (
     GPTNeoX,
     NeoXConfig,
     abstract_model,
     count_params,
     hf_param_names,
-    jit_forward,
-    jit_run_hooks,
     lm_loss,
     parse_hook,
     validate_context_len,
@@ -19,9 +17,11 @@ from crossjax.models.load import (
     resolve_snapshot,
     save_hf_snapshot,
 )
+from crossjax.models.runner import Runner
 
 __all__ = [
-    "GPTNeoX", "NeoXConfig", "abstract_model", "count_params", "hf_param_names", "jit_forward", "jit_run_hooks",
+    "GPTNeoX", "NeoXConfig", "abstract_model", "count_params", "hf_param_names",
     "lm_loss", "parse_hook", "validate_context_len", "validate_hook",
     "LoadedSnapshot", "check_snapshots_consistent", "load_snapshot", "resolve_snapshot", "save_hf_snapshot",
+    "Runner",
 ]

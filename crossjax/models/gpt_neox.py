@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -432,27 +432,3 @@ def count_params(model: GPTNeoX) -> int:
     """Total number of parameter elements (works on abstract models too)."""
     return sum(int(v.size) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-
-def jit_run_hooks(model: GPTNeoX, hooks: Sequence[str]) -> Callable[..., dict[str, jax.Array]]:
-    """A compiled `fn(input_ids [B,T], attention_mask=None) -> {hook: [B,T,D]}` over the model's current weights."""
-    hooks = tuple([hooks] if isinstance(hooks, str) else hooks)
-    for h in hooks:
-        validate_hook(model.cfg, h)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, input_ids, attention_mask):
-        return nnx.merge(graphdef, state).run_hooks(input_ids, hooks, attention_mask)
-
-    return lambda input_ids, attention_mask=None: run(state, input_ids, attention_mask)
-
-
-def jit_forward(model: GPTNeoX) -> Callable[..., jax.Array]:
-    """A compiled `fn(input_ids [B,T], attention_mask=None) -> logits [B,T,V]` over the model's current weights."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, input_ids, attention_mask):
-        return nnx.merge(graphdef, state)(input_ids, attention_mask)
-
-    return lambda input_ids, attention_mask=None: run(state, input_ids, attention_mask)

@@ -12,19 +12,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from crossjax.errors import CrossjaxError
+from crossjax.files import atomic_write, atomic_write_text
 from crossjax.models.gpt_neox import GPTNeoX, NeoXConfig, abstract_model, hf_param_names
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -51,19 +50,6 @@ class LoadedSnapshot:
     path: Path
     tokenizer_path: Path | None = None
     name: str = ""
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `model` config section."""
-    return ml_collections.ConfigDict({
-        "snapshots": [],                 # snapshot names: Hub revisions (stepN) or values for {snapshot}
-        "repo": "",                      # Hub repo, e.g. EleutherAI/pythia-160m; snapshot = revision
-        "path_template": "",             # local alternative: a directory path containing {snapshot}
-        "hook": "blocks.6.hook_resid_post",
-        "dtype": "float32",
-        "allow_duplicate_weights": False,
-        "cache_dir": "",                 # Hub cache ("" = huggingface_hub's default)
-    })
 
 
 # ------------------------------------------------------------------------------------------------- resolving
@@ -395,21 +381,11 @@ def save_hf_snapshot(model_or_params, cfg: NeoXConfig, out_dir: str | os.PathLik
         next(iter(tensors.values())).dtype, "bfloat16")
     config = {**cfg.to_hf_dict(), "dtype": stored_dtype}
 
-    def atomic(name: str, write: Callable[[str], None]):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    atomic(SAFE_SINGLE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / SAFE_SINGLE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     for f in tok_files:
-        atomic(f.name, lambda p, f=f: shutil.copyfile(f, p))
+        atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
     # config.json last: a directory with a config is a complete snapshot.
-    atomic("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
 
 
