@@ -1,4 +1,5 @@
-"""Throughput of one jitted crosscoder training step (loss + grad + optax Adam), against this machine's matmul peak.
+"""Throughput of the trainer's own jitted training step (crossjax.trainer.make_train_step, with its shardings and
+donation: normalise, loss + grad, Adam, NaN flag, dead counters), against this machine's matmul peak.
 
     python bench/train_step.py                      # S=8, D=512, F=4096, B=4096, JumpReLU, bf16 and f32
     python bench/train_step.py --batch=1024 --dtypes=bfloat16 --activation=topk
@@ -22,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from crossjax import crosscoder as cc
 
@@ -48,44 +48,50 @@ def matmul_peak(m: int, k: int, n: int, dtype, reps: int) -> tuple[float, float]
     return 2.0 * m * k * n / min(wall), 2.0 * m * k * n / min(cpu)
 
 
-def make_step(cfg: cc.CrosscoderConfig, compute_dtype, lr: float = 5e-5):
-    opt = optax.adam(lr)
+def production_step(shape: dict, activation: str, batch: int, compute_dtype: str, total_steps: int):
+    """The trainer's own jitted step (crossjax.trainer.make_train_step: normalisation, loss, grads, Adam with the
+    threshold's rate, NaN flag, dead-feature counters) with its shardings and donation, on a one-device mesh, and
+    a fresh state born sharded as training makes it. Returns (step, state, shardings)."""
+    from crossjax import configs, sharding, trainer
 
-    def step(params, opt_state, x16, scales):
-        x = cc.normalize(x16, scales)
-        (loss, aux), grads = jax.value_and_grad(cc.loss_fn, has_aux=True)(
-            params, x, cfg, sparsity_coef=0.3, compute_dtype=compute_dtype)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, aux["l0_per_snapshot"]
+    config = configs.base_config()
+    config.crosscoder.num_features = shape["F"]
+    config.crosscoder.activation = activation
+    config.train.batch_size = batch
+    config.train.compute_dtype = compute_dtype
+    config.train.warmup_steps = 0
+    config.mesh.data, config.mesh.snapshot, config.mesh.feature = 1, 1, 1
+    cc_cfg, tx, abstract = trainer.abstract_train_state(config, num_snapshots=shape["S"], d_model=shape["D"],
+                                                        total_steps=total_steps)
+    shard = trainer.make_shardings(sharding.make_mesh(config.mesh), abstract)
+    state = jax.jit(trainer.init_state_fn(cc_cfg, tx, 0.2), out_shardings=shard["state"])(jax.random.key(0))
+    return trainer.make_train_step(cc_cfg, tx, config, total_steps, shard), state, shard
 
-    return opt, jax.jit(step, donate_argnums=(0, 1))
 
-
-def bench_step(cfg: cc.CrosscoderConfig, batch: int, compute_dtype, steps: int, warmup: int) -> dict:
-    params = cc.init_params(jax.random.key(0), cfg, 0.2)
-    params = jax.tree.map(lambda v: v + 0.0, params)          # own buffers (init broadcasts), donated below
-    opt, step = make_step(cfg, compute_dtype)
-    opt_state = opt.init(params)
-    x16 = jax.random.normal(jax.random.key(2), (batch, cfg.num_snapshots, cfg.d_model), jnp.float16)
-    scales = jnp.ones((cfg.num_snapshots,), jnp.float32)
+def bench_step(shape: dict, activation: str, batch: int, compute_dtype, steps: int, warmup: int) -> dict:
+    from crossjax import sharding
+    s, d, f = shape["S"], shape["D"], shape["F"]
+    step, state, shard = production_step(shape, activation, batch, jnp.dtype(compute_dtype).name,
+                                         steps + warmup + 1)
+    x16 = jax.device_put(jax.random.normal(jax.random.key(2), (batch, s, d), jnp.float16), shard["batch"])
+    scales = jax.device_put(jnp.ones((s,), jnp.float32), sharding.replicated(shard["mesh"]))
     t0 = time.perf_counter()
-    params, opt_state, loss, l0 = step(params, opt_state, x16, scales)
-    jax.block_until_ready(loss)
+    state, out = step(state, x16, scales)
+    jax.block_until_ready(out["loss"])
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        params, opt_state, loss, l0 = step(params, opt_state, x16, scales)
-    jax.block_until_ready(loss)
-    state = [params, opt_state, loss, l0]
+        state, out = step(state, x16, scales)
+    jax.block_until_ready(out["loss"])
+    holder = [state, out]
 
     def one():
-        state[:] = step(state[0], state[1], x16, scales)
-        return state[2]
+        holder[:] = step(holder[0], x16, scales)
+        return holder[1]["loss"]
     wall, cpu = _timed(one, steps)
-    loss, l0 = state[2], state[3]
+    loss, l0 = holder[1]["loss"], holder[1]["l0"]
     if not np.isfinite(float(loss)):
         raise RuntimeError(f"non-finite loss {float(loss)} in the benchmark step")
     t, c = min(wall), min(cpu)
-    s, d, f = cfg.num_snapshots, cfg.d_model, cfg.num_features
     flops = 2 * 3 * 2.0 * batch * s * d * f
     return {"step_s": t, "step_s_median": float(np.median(wall)), "step_cpu_s": c, "compile_s": compile_s,
             "tokens_per_s": batch / t, "flops_per_step": flops, "flops_executed_per_step": flops * 5 / 6,
@@ -106,15 +112,14 @@ def main() -> None:
     ap.add_argument("--peak_reps", type=int, default=5)
     args = ap.parse_args()
 
-    cfg = cc.CrosscoderConfig(num_snapshots=args.snapshots, d_model=args.d_model, num_features=args.features,
-                              activation=args.activation)
+    shape = {"S": args.snapshots, "D": args.d_model, "F": args.features}
     out = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
            "num_devices": jax.device_count(), "machine": platform.processor() or platform.machine(),
            "jax": jax.__version__, "S": args.snapshots, "D": args.d_model, "F": args.features, "B": args.batch,
            "activation": args.activation, "results": {}}
     for name in args.dtypes.split(","):
         dtype = jnp.dtype(name)
-        res = bench_step(cfg, args.batch, dtype, args.steps, args.warmup)
+        res = bench_step(shape, args.activation, args.batch, dtype, args.steps, args.warmup)
         peak, peak_cpu = matmul_peak(args.batch, args.snapshots * args.d_model, args.features, dtype,
                                      args.peak_reps)
         res["matmul_peak_flops_per_s"] = peak

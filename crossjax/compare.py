@@ -19,16 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
 # --config (with overrides), --workdir and the --distributed flags: exactly those of crossjax.train.
-from crossjax import train as train_cli
+from crossjax import cli, console
 
 _SNAPSHOTS = flags.DEFINE_list("snapshots", [], "compare only these snapshots (default: every snapshot the "
                                "crosscoder is trained on)")
-FLAGS = flags.FLAGS
 
 
 def sae_config(config, store_url: str, snapshot: str):
@@ -48,12 +46,6 @@ def sae_config(config, store_url: str, snapshot: str):
     return sae
 
 
-def _say(message: str) -> None:
-    import jax
-    if jax.process_index() == 0:
-        print(f"crossjax.compare: {message}", file=sys.stderr, flush=True)
-
-
 def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
     """Train (or reuse) the crosscoder and one SAE per snapshot; return and write WORKDIR/compare.json.
 
@@ -66,30 +58,30 @@ def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
     import jax
 
     from crossjax import store as store_lib
-    from crossjax import trainer
+    from crossjax import pipeline
     from crossjax.errors import CrossjaxError
     from crossjax.files import atomic_write_text
 
     workdir = os.path.abspath(workdir)
-    _say(f"the crosscoder in {workdir}")
-    cc = trainer.run(config, workdir)
-    names = list(cc["snapshots"])
+    console.say("compare", f"the crosscoder in {workdir}")
+    cc = pipeline.run(config, workdir)
+    names = list(cc.snapshots)
     wanted = list(snapshots) if snapshots else names
     unknown = [s for s in wanted if s not in names]
     if unknown or len(set(wanted)) != len(wanted):
         raise CrossjaxError(f"--snapshots={','.join(wanted)} must name distinct snapshots the crosscoder in {workdir} "
                             f"was trained on" + (f" (unknown: {unknown})" if unknown else "")
                             + f"; choose from {names}")
-    store = store_lib.ActivationStore.open(cc["store"])  # made and checked by the crosscoder run just now
+    store = store_lib.ActivationStore.open(cc.store)  # made and checked by the crosscoder run just now
     result = {"snapshots": wanted, "crosscoder": _side(), "sae": _side(), "sae_workdirs": [],
-              "store": cc["store"], "num_features": cc["num_features"], "steps": cc["steps"],
+              "store": cc.store, "num_features": cc.num_features, "steps": cc.steps,
               "batch_size": int(config.train.batch_size)}
     for i, name in enumerate(wanted):
         sae_dir = os.path.join(workdir, "sae", name)
-        _say(f"SAE {i + 1}/{len(wanted)} on {name} in {sae_dir}")
-        sae = trainer.run(sae_config(config, cc["store"], name), sae_dir, store=store)
-        if sae["snapshots"] != [name]:
-            raise CrossjaxError(f"{sae_dir}/summary.json is for snapshots {sae['snapshots']}, not [{name!r}]")
+        console.say("compare", f"SAE {i + 1}/{len(wanted)} on {name} in {sae_dir}")
+        sae = pipeline.run(sae_config(config, cc.store, name), sae_dir, store=store)
+        if sae.snapshots != [name]:
+            raise CrossjaxError(f"{sae_dir}/summary.json is for snapshots {sae.snapshots}, not [{name!r}]")
         _add(result["crosscoder"], cc, names.index(name), name)
         _add(result["sae"], sae, 0, name)
         result["sae_workdirs"].append(sae_dir)
@@ -105,14 +97,14 @@ def _side() -> dict:
     return {"ev": [], "l0": []}
 
 
-def _add(side: dict, summary: dict, s: int, name: str) -> None:
-    """Append snapshot s of a run's summary to one side of the comparison."""
-    side["ev"].append(summary["eval"]["ev"][s])
-    side["l0"].append(summary["eval"]["l0"][s])
-    recovery = summary.get("recovery")
+def _add(side: dict, summary, s: int, name: str) -> None:
+    """Append snapshot s of a run's RunSummary to one side of the comparison."""
+    side["ev"].append(summary.heldout["ev"][s])
+    side["l0"].append(summary.heldout["l0"][s])
+    recovery = summary.evals.get("recovery")
     if recovery is not None:
         side.setdefault("max_cos", []).append(recovery["mean_max_cos_per_snapshot"][s])
-    spliced = summary.get("spliced")
+    spliced = summary.evals.get("spliced")
     if spliced is not None:
         side.setdefault("spliced_loss", []).append(spliced[name]["spliced_loss"])
         side.setdefault("loss_recovered", []).append(spliced[name]["loss_recovered"])
@@ -137,38 +129,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO chatter out of the table's way
+def _compare_command() -> None:
     import jax
-    if FLAGS.distributed:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
-    from crossjax.errors import CrossjaxError
-    try:
-        result = compare(FLAGS.config, FLAGS.workdir, _SNAPSHOTS.value)
-    except CrossjaxError as e:
-        print(f"crossjax.compare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = compare(cli.CONFIG.value, cli.WORKDIR.value, _SNAPSHOTS.value)
     if jax.process_index() == 0:
         print(table(result))
-        print(f"comparison: {os.path.join(os.path.abspath(FLAGS.workdir), 'compare.json')}")
-
-
-def _parse_flags(argv):
-    """absl flag parsing, with a readable message for a misspelled --config.* override (as crossjax.train)."""
-    try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError, flags.IllegalFlagValueError) as e:
-        try:
-            problem = train_cli.unknown_override(train_cli._load_config_file(argv), argv)
-        except Exception:  # the config file itself is broken: absl's message says how
-            problem = None
-        print(f"crossjax.compare: error: {problem or e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"comparison: {os.path.join(os.path.abspath(cli.WORKDIR.value), 'compare.json')}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.main("compare", _compare_command)

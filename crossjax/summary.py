@@ -99,3 +99,26 @@ def _null_to_nan(value):
     if isinstance(value, list):
         return [math.nan if v is None else _null_to_nan(v) for v in value]
     return value
+
+
+def main(argv: list[str]) -> int:
+    """`python -m crossjax.summary WORKDIR`: exit 0 when WORKDIR holds a finished run's valid summary (printing
+    its headline), 2 otherwise (launch scripts use it to tell a finished run from a stopped one)."""
+    import sys
+    if len(argv) != 1:
+        print("usage: python -m crossjax.summary WORKDIR", file=sys.stderr)
+        return 2
+    try:
+        summary = RunSummary.read(argv[0])
+    except CrossjaxError as e:
+        print(f"crossjax.summary: {e}", file=sys.stderr)
+        return 2
+    ev = summary.heldout.get("ev_mean")
+    print(f"finished: {summary.steps} steps, {summary.tokens} tokens"
+          + (f", held-out EV {ev:.4f}" if ev is not None else "") + f"; weights: {summary.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

@@ -75,9 +75,9 @@ case "$cmd" in
         gcloud compute tpus queued-resources delete "$name" --zone "$zone" --force --quiet || true
         "$0" up "$name" "$zone" "$accelerator" && "$0" setup "$name" "$zone" && "$0" run "$name" "$zone" "$@"
       elif ! on_all_workers "pgrep -f crossjax.train >/dev/null" >/dev/null 2>&1; then
-        # only process 0 prints the final summary line
+        # a finished run has a valid summary.json in its workdir (written once, by process 0)
         if gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=0 \
-            --command "grep -q '^summary: ' $remote_dir/train.log" >/dev/null 2>&1; then
+            --command "cd $remote_dir && . .venv/bin/activate && python -m crossjax.summary $2" >/dev/null 2>&1; then
           echo "$(date +%T) training finished"; exit 0
         fi
         echo "$(date +%T) training not running on every worker: restarting (it resumes from the last checkpoint)"

@@ -11,9 +11,11 @@ import pytest
 
 from _files import tree_bytes
 from _trainer_util import ROOT, experiment
-from crossjax import compare, configs, crosscoder, data, metrics, planted, snapshot_names, trainer
+from crossjax import compare, configs, crosscoder, data, metrics, pipeline, planted, snapshot_names
+from crossjax.analysis import recovery
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
+from crossjax.summary import RunSummary
 
 
 def _tiny():
@@ -23,48 +25,48 @@ def _tiny():
 def test_compare_matches_the_crosscoder_and_direct_sae_runs(tmp_path):
     c = _tiny()
     work = tmp_path / "run"
-    trainer.run(c, str(work))
+    pipeline.run(c, str(work))
     store_before = tree_bytes(work / "store")
     result = compare.compare(c, str(work), ["planted_1", "planted_3"])
-    cc = json.loads((work / "summary.json").read_text())
+    cc = RunSummary.read(work)
 
     # the crosscoder's figures are its summary's, snapshot by snapshot, in the result, compare.json and the table
     assert result["snapshots"] == ["planted_1", "planted_3"]
-    assert result["crosscoder"]["ev"] == [cc["eval"]["ev"][1], cc["eval"]["ev"][3]]
-    assert result["crosscoder"]["l0"] == [cc["eval"]["l0"][1], cc["eval"]["l0"][3]]
-    per = cc["recovery"]["mean_max_cos_per_snapshot"]
+    assert result["crosscoder"]["ev"] == [cc.heldout["ev"][1], cc.heldout["ev"][3]]
+    assert result["crosscoder"]["l0"] == [cc.heldout["l0"][1], cc.heldout["l0"][3]]
+    per = cc.evals["recovery"]["mean_max_cos_per_snapshot"]
     assert result["crosscoder"]["max_cos"] == [per[1], per[3]]
     assert json.loads((work / "compare.json").read_text()) == result
     text = compare.table(result)
-    assert (f"| planted_3 | {cc['eval']['ev'][3]:.4f} | {result['sae']['ev'][1]:.4f} | "
-            f"{cc['eval']['l0'][3]:.1f} | {result['sae']['l0'][1]:.1f} |") in text
+    assert (f"| planted_3 | {cc.heldout['ev'][3]:.4f} | {result['sae']['ev'][1]:.4f} | "
+            f"{cc.heldout['l0'][3]:.1f} | {result['sae']['l0'][1]:.1f} |") in text
     assert "| snapshot | crosscoder max cos | SAE max cos |" in text
 
     # every SAE is an S=1 run on the crosscoder's store: no store of its own, the store untouched
     assert tree_bytes(work / "store") == store_before
-    store = ActivationStore.open(cc["store"])
+    store = ActivationStore.open(cc.store)
     for s, name, sae_dir in zip((1, 3), result["snapshots"], result["sae_workdirs"]):
         assert sae_dir == str(work / "sae" / name)
         assert not os.path.exists(os.path.join(sae_dir, "store"))
-        summary = json.loads(open(os.path.join(sae_dir, "summary.json")).read())
-        assert summary["store"] == cc["store"] and summary["snapshots"] == [name]
-        assert summary["steps"] == cc["steps"] and summary["tokens"] == cc["tokens"]
-        assert summary["num_features"] == cc["num_features"]
-        assert summary["scales"] == pytest.approx([float(store.scales[s])], rel=1e-6)
-        assert summary["recovery"]["snapshots"] == [s] and "emergence_accuracy" not in summary["recovery"]
-        _, scales, cfg = crosscoder.load_exported(summary["export"])
+        summary = RunSummary.read(sae_dir)
+        assert summary.store == cc.store and summary.snapshots == [name]
+        assert summary.steps == cc.steps and summary.tokens == cc.tokens
+        assert summary.num_features == cc.num_features
+        assert summary.scales == pytest.approx([float(store.scales[s])], rel=1e-6)
+        assert summary.evals["recovery"]["snapshots"] == [s] and "emergence_accuracy" not in summary.evals["recovery"]
+        _, scales, cfg = crosscoder.load_exported(summary.export)
         assert cfg.num_snapshots == 1 and scales.shape == (1,)
 
-    # second code path: the same SAE trained by trainer.run with data.snapshots set by hand
+    # second code path: the same SAE trained by pipeline.run with data.snapshots set by hand
     direct_cfg = _tiny()
     direct_cfg.store.path = str(work / "store")
     direct_cfg.data.snapshots = "planted_3"
-    direct = trainer.run(direct_cfg, str(tmp_path / "direct"))
-    assert direct["eval"]["ev"] == pytest.approx([result["sae"]["ev"][1]], rel=1e-6)
-    assert direct["eval"]["l0"] == pytest.approx([result["sae"]["l0"][1]], rel=1e-6)
-    assert direct["recovery"]["mean_max_cos"] == pytest.approx(result["sae"]["max_cos"][1], rel=1e-6)
+    direct = pipeline.run(direct_cfg, str(tmp_path / "direct"))
+    assert direct.heldout["ev"] == pytest.approx([result["sae"]["ev"][1]], rel=1e-6)
+    assert direct.heldout["l0"] == pytest.approx([result["sae"]["l0"][1]], rel=1e-6)
+    assert direct.evals["recovery"]["mean_max_cos"] == pytest.approx(result["sae"]["max_cos"][1], rel=1e-6)
     via_compare, _, _ = crosscoder.load_exported(result["sae_workdirs"][1] + "/export")
-    by_hand, _, _ = crosscoder.load_exported(direct["export"])
+    by_hand, _, _ = crosscoder.load_exported(direct.export)
     for k in via_compare:
         np.testing.assert_allclose(by_hand[k], via_compare[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert tree_bytes(work / "store") == store_before
@@ -101,7 +103,7 @@ def test_snapshot_selection_by_name_or_index():
 
 def test_a_snapshot_subset_delivers_exactly_those_columns(tmp_path):
     c = _tiny()
-    trainer.run(c, str(tmp_path))  # writes the planted store
+    pipeline.run(c, str(tmp_path))  # writes the planted store
     store = ActivationStore.open(str(tmp_path / "store"))
     full = data.make_loader(store, global_batch=64, seed=3, sharding=None, num_epochs=1)
     sub = data.make_loader(store, global_batch=64, seed=3, sharding=None, num_epochs=1, snapshots=[3, 1])
@@ -116,29 +118,29 @@ def test_a_subset_run_trains_and_evaluates_on_exactly_that_column(tmp_path):
     """Store snapshots planted_0..3, data.snapshots="2": the run sees column 2 only."""
     c = _tiny()
     c.store.path = str(tmp_path / "store")
-    trainer.run(c, str(tmp_path / "all"))  # the store and its scales
+    pipeline.run(c, str(tmp_path / "all"))  # the store and its scales
     store = ActivationStore.open(c.store.path)
     c.data.snapshots = "2"
     c.crosscoder.init_norm = -1.0  # grid search on the first training batch: a fingerprint of the data trained on
-    summary = trainer.run(c, str(tmp_path / "sub"))
-    assert summary["snapshots"] == ["planted_2"]
-    assert summary["scales"] == pytest.approx([float(store.scales[2])], rel=1e-6)
-    params, scales, cfg = crosscoder.load_exported(summary["export"])
+    summary = pipeline.run(c, str(tmp_path / "sub"))
+    assert summary.snapshots == ["planted_2"]
+    assert summary.scales == pytest.approx([float(store.scales[2])], rel=1e-6)
+    params, scales, cfg = crosscoder.load_exported(summary.export)
     assert cfg.num_snapshots == 1 and params["W_dec"].shape[0] == 1
     records = [json.loads(line) for line in open(tmp_path / "sub" / "metrics.jsonl")]
     assert all(len(r["ev"]) == 1 for r in records)
 
     # training: the first batch of the full loader (same seed and blocks), column by column, through the grid search
-    plan = trainer.make_plan(c, store)
-    loader = data.make_loader(store, global_batch=plan.batch_size, seed=int(c.train.seed), sharding=None,
-                              blocks=list(plan.train_blocks), window_blocks=int(c.data.window_blocks))
+    train_blocks, _ = pipeline.split_blocks(c, store)
+    loader = data.make_loader(store, global_batch=int(c.train.batch_size), seed=int(c.train.seed), sharding=None,
+                              blocks=list(train_blocks), window_blocks=int(c.data.window_blocks))
     first = np.asarray(next(loader)["acts"], np.float32)
     loader.close()
     key = jax.random.key(int(c.train.seed))
     norms = [crosscoder.grid_search_init_norm(key, cfg, crosscoder.normalize(first[:, [s]], store.scales[[s]]))
              for s in range(4)]
-    assert summary["init_norm"] == pytest.approx(norms[2], rel=1e-5)
-    assert sum(abs(n - summary["init_norm"]) < 1e-6 for n in norms) == 1, norms  # the columns are told apart
+    assert summary.init_norm == pytest.approx(norms[2], rel=1e-5)
+    assert sum(abs(n - summary.init_norm) < 1e-6 for n in norms) == 1, norms  # the columns are told apart
 
     # evaluation: the held-out block's column 2 through the exported SAE, with the one-shot formula
     start, stop = store.block_range(store.meta.num_blocks - 1)
@@ -146,13 +148,13 @@ def test_a_subset_run_trains_and_evaluates_on_exactly_that_column(tmp_path):
     ev = [float(metrics.explained_variance(held[:, [s]],
                                            crosscoder.forward(params, held[:, [s]], cfg)["xhat"])[0])
           for s in range(4)]
-    assert summary["eval"]["ev"][0] == pytest.approx(ev[2], abs=1e-4)
+    assert summary.heldout["ev"][0] == pytest.approx(ev[2], abs=1e-4)
     assert min(abs(ev[s] - ev[2]) for s in (0, 1, 3)) > 1e-3, ev
 
     # planted recovery with the truth of snapshot 2 (presence judged against each feature's peak over all four)
-    rec = summary["recovery"]
+    rec = summary.evals["recovery"]
     assert rec["snapshots"] == [2] and "note" in rec and "emergence_accuracy" not in rec
-    tiled = trainer.planted_recovery(np.repeat(params["W_dec"], 4, axis=0), planted.load_truth(store.url),
+    tiled = recovery.planted_recovery(np.repeat(params["W_dec"], 4, axis=0), planted.load_truth(store.url),
                                      threshold=rec["threshold"], presence=rec["presence"])
     assert rec["mean_max_cos_per_snapshot"] == pytest.approx([tiled["mean_max_cos_per_snapshot"][2]], rel=1e-9)
 
@@ -164,12 +166,12 @@ def test_command_prints_the_table(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cc = json.loads((tmp_path / "summary.json").read_text())
-    sae = json.loads((tmp_path / "sae" / "planted_0" / "summary.json").read_text())
-    assert cc["steps"] == sae["steps"] == 4  # the override reaches both runs
+    cc = RunSummary.read(tmp_path)
+    sae = RunSummary.read(tmp_path / "sae" / "planted_0")
+    assert cc.steps == sae.steps == 4  # the override reaches both runs
     assert "| snapshot | crosscoder EV | SAE EV | crosscoder L0 | SAE L0 |" in proc.stdout
-    assert (f"| planted_0 | {cc['eval']['ev'][0]:.4f} | {sae['eval']['ev'][0]:.4f} | {cc['eval']['l0'][0]:.1f} | "
-            f"{sae['eval']['l0'][0]:.1f} |") in proc.stdout
+    assert (f"| planted_0 | {cc.heldout['ev'][0]:.4f} | {sae.heldout['ev'][0]:.4f} | {cc.heldout['l0'][0]:.1f} | "
+            f"{sae.heldout['l0'][0]:.1f} |") in proc.stdout
 
     bad = subprocess.run(
         [sys.executable, "-m", "crossjax.compare", f"--config={ROOT}/experiments/synthetic.py:tiny",
@@ -185,12 +187,12 @@ def test_feature_index_on_a_per_snapshot_sae(tmp_path):
     from crossjax.analysis import FeatureIndex
     c = experiment("synthetic", "tiny")
     c.data.snapshots = "planted_2"
-    out = trainer.run(c, str(tmp_path))
+    out = pipeline.run(c, str(tmp_path))
     index = FeatureIndex.build(str(tmp_path), progress=False)
     assert index.snapshots == ("planted_2",)
     # brute force on column 2 of every row
-    params, scales, cfg = crosscoder.load_exported(out["export"])
-    store = ActivationStore.open(out["store"])
+    params, scales, cfg = crosscoder.load_exported(out.export)
+    store = ActivationStore.open(out.store)
     x = crosscoder.normalize(jnp.asarray(store.read_rows(0, store.meta.num_rows)[:, [2]], jnp.float32),
                              jnp.asarray(scales))
     acts = np.asarray(crosscoder.forward({k: jnp.asarray(v) for k, v in params.items()}, x, cfg)["acts"])

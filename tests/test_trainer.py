@@ -11,7 +11,8 @@ import pytest
 from _trainer_util import experiment, exported, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import store as store_lib
-from crossjax import trainer
+from crossjax import optim, pipeline, trainer
+from crossjax.analysis import recovery
 from crossjax.errors import CrossjaxError
 
 STEPS = 6
@@ -36,7 +37,7 @@ def one_device_run(store_path, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one_device"))
     c = tiny_config(store_path, **_mesh(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
                                                      "train.checkpoint_every": 0})
-    trainer.run(c, workdir)
+    pipeline.run(c, workdir)
     return workdir
 
 
@@ -46,11 +47,11 @@ def one_device_run(store_path, tmp_path_factory):
 def test_lr_and_sparsity_schedules_follow_the_paper():
     c = experiment("synthetic", "tiny").train
     c.lr, c.warmup_steps, c.cooldown_frac, c.sparsity_coef, c.sparsity_warmup_frac = 1.0, 10, 0.2, 0.3, 0.1
-    lr = trainer.lr_schedule(c, 100)
+    lr = optim.warmup_cooldown(c.lr, warmup_steps=c.warmup_steps, total_steps=100, cooldown_frac=c.cooldown_frac)
     # warm-up (t+1)/10, flat, then linear to 0 over the last 20 steps: (100 - t) / 20
     for t, want in [(0, 0.1), (4, 0.5), (9, 1.0), (50, 1.0), (80, 1.0), (90, 0.5), (99, 0.05)]:
         assert float(lr(t)) == pytest.approx(want, rel=1e-6), t
-    lam = trainer.sparsity_schedule(c, 100)
+    lam = optim.linear_ramp(c.sparsity_coef, ramp_steps=c.sparsity_warmup_frac * 100)
     for t, want in [(0, 0.03), (4, 0.15), (9, 0.3), (60, 0.3)]:
         assert float(lam(t)) == pytest.approx(want, rel=1e-6), t
 
@@ -74,7 +75,7 @@ def test_threshold_learns_at_a_scaled_rate():
 def test_meshes_give_the_single_device_numbers(mesh, store_path, one_device_run, tmp_path):
     c = tiny_config(store_path, **_mesh(*mesh), **{"train.steps": STEPS, "train.log_every": 1,
                                                    "train.checkpoint_every": 0})
-    trainer.run(c, str(tmp_path))
+    pipeline.run(c, str(tmp_path))
     ref, got = train_records(one_device_run), train_records(tmp_path)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=2e-5)
@@ -82,7 +83,7 @@ def test_meshes_give_the_single_device_numbers(mesh, store_path, one_device_run,
     a, b = exported(one_device_run), exported(tmp_path)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    assert summary(tmp_path)["eval"]["ev"] == pytest.approx(summary(one_device_run)["eval"]["ev"], rel=1e-4)
+    assert summary(tmp_path).heldout["ev"] == pytest.approx(summary(one_device_run).heldout["ev"], rel=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------- guards
@@ -93,7 +94,7 @@ def test_workdir_of_another_config_is_refused(store_path, one_device_run):
                                                      "train.checkpoint_every": 3, "train.lr": 0.5})
     before = sorted(os.listdir(os.path.join(one_device_run, "checkpoints")))
     with pytest.raises(CrossjaxError) as e:
-        trainer.run(c, one_device_run)
+        pipeline.run(c, one_device_run)
     msg = str(e.value)
     assert "train.lr: 0.001 -> 0.5" in msg and "another --workdir" in msg
     assert sorted(os.listdir(os.path.join(one_device_run, "checkpoints"))) == before
@@ -103,8 +104,8 @@ def test_finished_run_reruns_without_training_again(store_path, one_device_run):
     before = summary(one_device_run)
     c = tiny_config(store_path, **_mesh(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
                                                      "train.checkpoint_every": 3})
-    again = trainer.run(c, one_device_run)
-    assert again["eval"] == before["eval"] and len(train_records(one_device_run)) == STEPS
+    again = pipeline.run(c, one_device_run)
+    assert again.heldout == before.heldout and len(train_records(one_device_run)) == STEPS
     with open(os.path.join(one_device_run, "metrics.jsonl")) as f:
         kinds = [json.loads(line)["kind"] for line in f]
     assert kinds == ["train"] * STEPS + ["eval"]  # the final evaluation is not duplicated
@@ -112,10 +113,10 @@ def test_finished_run_reruns_without_training_again(store_path, one_device_run):
 
 def test_store_disagreeing_with_the_config_is_refused(store_path, tmp_path):
     with pytest.raises(CrossjaxError, match="data.d_model=32 but the store has d_model=16"):
-        trainer.run(tiny_config(store_path, **{"data.d_model": 32}), str(tmp_path / "a"))
+        pipeline.run(tiny_config(store_path, **{"data.d_model": 32}), str(tmp_path / "a"))
     # another planted width at the same store path: the store itself refuses, and stays intact
     with pytest.raises(CrossjaxError, match="d_model"):
-        trainer.run(tiny_config(store_path, **{"planted.d_model": 32}), str(tmp_path / "b"))
+        pipeline.run(tiny_config(store_path, **{"planted.d_model": 32}), str(tmp_path / "b"))
     assert store_lib.ActivationStore.open(store_path).is_complete()
     assert store_lib.ActivationStore.open(store_path).meta.d_model == 16
 
@@ -130,11 +131,11 @@ def test_snapshot_store_must_hold_the_configured_snapshots(tmp_path):
     c.model.snapshots = ["step0", "step4"]
     c.model.hook = "blocks.1.hook_resid_post"
     with pytest.raises(CrossjaxError) as e:
-        trainer.check_store(c, st)
+        pipeline.check_store(c, st)
     assert "['step0', 'step4']" in str(e.value) and "['step0', 'step8']" in str(e.value)
     c.model.snapshots = ["step0", "step8"]
     with pytest.raises(CrossjaxError, match="incomplete"):  # nothing written yet
-        trainer.check_store(c, st)
+        pipeline.check_store(c, st)
 
 
 # -------------------------------------------------------------------------------------------------- NaN
@@ -144,7 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store_path, tmp_path)
     c = tiny_config(store_path, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.checkpoint_every": 1,
                                    "train.log_every": 100, "train.async_checkpointing": False})
     with pytest.raises(CrossjaxError) as e:
-        trainer.run(c, str(tmp_path))
+        pipeline.run(c, str(tmp_path))
     msg = str(e.value)
     assert "NaN/Inf at training step" in msg and "Lower train.lr" in msg
     bad = int(msg.split("training step ")[1].split(";")[0])
@@ -178,9 +179,9 @@ def test_planted_recovery_on_a_hand_made_case():
         W[:, i + 1, i], W[:, i + 1, i + 4] = np.cos(a), np.sin(a)
     W[:, 0, 7] = W[:, 4, 3] = 1.0
     W[:, 3] *= np.array([0.01, 0.3, 0.6, 1.0])[:, None]  # emergent feature's decoder norm crosses 0.5 at snapshot 2
-    r = trainer.planted_recovery(W, truth, threshold=0.9, emergence_threshold=0.5)
+    r = recovery.planted_recovery(W, truth, threshold=0.9, emergence_threshold=0.5)
     assert r["mean_max_cos"] == pytest.approx(np.cos(a))                     # feature 2 absent at 0, 1: skipped
     assert r["frac_above"] == 0.0                                            # cos 30 deg = 0.866 < 0.9
     assert r["emergence_accuracy"] == 1.0 and r["num_emergent"] == 1
-    r = trainer.planted_recovery(W, truth, threshold=0.8, emergence_threshold=0.25)
+    r = recovery.planted_recovery(W, truth, threshold=0.8, emergence_threshold=0.25)
     assert r["frac_above"] == 1.0 and r["emergence_accuracy"] == 0.0 and r["emergence_within_one"] == 1.0

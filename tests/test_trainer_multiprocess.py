@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _trainer_util import ROOT, exported, summary, tiny_config, train_records
-from crossjax import trainer
+from crossjax import pipeline
 
 STEPS, STREAMS = 6, 2
 
@@ -24,7 +24,7 @@ def test_two_processes_match_one_process(tmp_path):
     store = str(tmp_path / "store")
     over = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 3, "data.streams": STREAMS}
     one = str(tmp_path / "one")
-    trainer.run(tiny_config(store, **over), one)  # also writes the store, so the two processes only read it
+    pipeline.run(tiny_config(store, **over), one)  # also writes the store, so the two processes only read it
 
     two = str(tmp_path / "two")
     port = _free_port()
@@ -51,7 +51,7 @@ def test_two_processes_match_one_process(tmp_path):
     a, b = exported(one), exported(two)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    assert summary(two)["eval"]["ev"] == pytest.approx(summary(one)["eval"]["ev"], rel=1e-4)
+    assert summary(two).heldout["ev"] == pytest.approx(summary(one).heldout["ev"], rel=1e-4)
     # both processes wrote their part of each checkpoint's data-iterator state
     names = sorted(n for n in os.listdir(os.path.join(two, "checkpoints", str(STEPS), "data")) if n.endswith(".json"))
     assert names == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -1,15 +1,15 @@
 """experiments/synthetic.py:quick, the documented command's config, recovers the planted features (about 30 s)."""
 from _trainer_util import experiment
-from crossjax import trainer
+from crossjax import pipeline
 
 
 def test_quick_variant_recovers_planted_features(tmp_path):
     c = experiment("synthetic", "quick")
     c.train.progress = False
-    out = trainer.run(c, str(tmp_path))
-    r = out["recovery"]
+    out = pipeline.run(c, str(tmp_path))
+    r = out.evals["recovery"]
     assert r["mean_max_cos"] >= 0.9, r
     assert r["frac_above"] >= 0.8, r
     assert r["emergence_within_one"] >= 0.6, r       # the emergent features' birth snapshots, within one
-    assert out["eval"]["ev_mean"] >= 0.9, out["eval"]
-    assert 0.0 < out["eval"]["l0_mean"] < 8.0          # sparse: ~1.9 true features fire per row
+    assert out.heldout["ev_mean"] >= 0.9, out.heldout
+    assert 0.0 < out.heldout["l0_mean"] < 8.0          # sparse: ~1.9 true features fire per row

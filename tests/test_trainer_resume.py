@@ -7,7 +7,7 @@ import pytest
 
 from _trainer_util import exported, mesh_overrides, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
-from crossjax import trainer
+from crossjax import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,17 @@ def one_device_run(store_path, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one_device"))
     c = tiny_config(store_path, **mesh_overrides(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
                                                               "train.checkpoint_every": 0})
-    trainer.run(c, workdir)
+    pipeline.run(c, workdir)
     return workdir
 
 
 def test_resume_onto_another_mesh_continues_the_same_run(store_path, one_device_run, tmp_path):
     """Half the run on (8, 1, 1), the rest restored onto (2, 2, 2): the single-device numbers again."""
     over = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 3}
-    stopped = trainer.run(tiny_config(store_path, **mesh_overrides(8, 1, 1), **over), str(tmp_path), stop_after=4)
-    assert stopped["stopped_at"] == 4 and not os.path.exists(tmp_path / "summary.json")
+    stopped = pipeline.run(tiny_config(store_path, **mesh_overrides(8, 1, 1), **over), str(tmp_path), stop_after=4)
+    assert isinstance(stopped, pipeline.Stopped) and stopped.step == 4 and not os.path.exists(tmp_path / "summary.json")
     assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=3).all_steps() == [3, 4]
-    trainer.run(tiny_config(store_path, **mesh_overrides(2, 2, 2), **over), str(tmp_path))  # mesh keys may change
+    pipeline.run(tiny_config(store_path, **mesh_overrides(2, 2, 2), **over), str(tmp_path))  # mesh keys may change
     ref, got = train_records(one_device_run), train_records(tmp_path)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no duplicated records after the resume
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=2e-5)

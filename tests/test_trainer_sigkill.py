@@ -11,7 +11,7 @@ import pytest
 
 from _trainer_util import ROOT, exported, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
-from crossjax import trainer
+from crossjax import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,11 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_same_result(store_path
     # the uninterrupted run, same devices and mesh, in this process
     whole = str(tmp_path / "whole")
     c = tiny_config(store_path, **{"train.steps": steps, "train.log_every": 25, "train.checkpoint_every": 50})
-    trainer.run(c, whole)
+    pipeline.run(c, whole)
     a, b = exported(whole), exported(killed)
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
     assert train_records(killed) == train_records(whole)
-    assert summary(killed)["eval"] == summary(whole)["eval"]
+    assert summary(killed).heldout == summary(whole).heldout
 
 

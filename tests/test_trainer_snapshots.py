@@ -7,7 +7,7 @@ import pytest
 import _activations_fixtures as fx
 from _trainer_util import exported, summary
 from crossjax import store as store_lib
-from crossjax import trainer
+from crossjax import pipeline
 from crossjax.errors import CrossjaxError
 
 
@@ -30,26 +30,26 @@ def _config(root: Path, store: Path, **overrides):
 def test_snapshots_to_crosscoder_in_one_call(tmp_path):
     root = fx.make_root(tmp_path / "snaps")
     workdir = tmp_path / "run"
-    out = trainer.run(_config(root, tmp_path / "store"), str(workdir))
+    out = pipeline.run(_config(root, tmp_path / "store"), str(workdir))
 
     st = store_lib.ActivationStore.open(str(tmp_path / "store"))
     assert st.is_complete() and st.meta.snapshots == ("step0", "step1", "step2") and st.meta.d_model == 32
-    np.testing.assert_allclose(out["scales"], st.scales)                 # estimated once, saved with the store
-    assert out["steps"] == 10 and out["tokens"] == 320 and out["snapshots"] == ["step0", "step1", "step2"]
-    assert out["eval"]["rows"] == 32                                      # 44 held-out rows: one batch of 32
-    assert len(out["eval"]["ev"]) == 3 and all(np.isfinite(out["eval"]["ev"]))
-    assert 0.1 <= out["init_norm"] <= 1.0 and "recovery" not in out
+    np.testing.assert_allclose(out.scales, st.scales)                 # estimated once, saved with the store
+    assert out.steps == 10 and out.tokens == 320 and out.snapshots == ["step0", "step1", "step2"]
+    assert out.heldout["rows"] == 32                                      # 44 held-out rows: one batch of 32
+    assert len(out.heldout["ev"]) == 3 and all(np.isfinite(out.heldout["ev"]))
+    assert 0.1 <= out.init_norm <= 1.0 and "recovery" not in out.evals
     w = exported(workdir)
     assert w["W_dec"].shape == (3, 64, 32) and np.all(np.isfinite(w["W_dec"]))
-    assert summary(workdir)["eval"] == out["eval"]
+    assert summary(workdir).heldout == out.heldout
 
     # another snapshot list in the same workdir is refused before anything runs
     with pytest.raises(CrossjaxError, match=r"model.snapshots"):
-        trainer.run(_config(root, tmp_path / "store", **{"model.snapshots": ["step0", "step2"]}), str(workdir))
+        pipeline.run(_config(root, tmp_path / "store", **{"model.snapshots": ["step0", "step2"]}), str(workdir))
     # the same list with the old store: the store's check names both lists
     c = _config(root, tmp_path / "store", **{"model.snapshots": ["step0", "step2"]})
     with pytest.raises(CrossjaxError, match=r"step0.*step2"):
-        trainer.run(c, str(tmp_path / "run2"))
+        pipeline.run(c, str(tmp_path / "run2"))
     assert store_lib.ActivationStore.open(str(tmp_path / "store")).is_complete()
 
 
@@ -57,10 +57,10 @@ def test_spliced_in_loss_at_the_end_of_a_run(tmp_path):
     root = fx.make_root(tmp_path / "snaps")
     workdir = tmp_path / "run"
     c = _config(root, tmp_path / "store", **{"eval.spliced_tokens": 60})
-    out = trainer.run(c, str(workdir))
-    spliced = out["spliced"]
+    out = pipeline.run(c, str(workdir))
+    spliced = out.evals["spliced"]
     assert sorted(spliced) == ["step0", "step1", "step2"]
-    assert summary(workdir)["spliced"] == spliced
+    assert summary(workdir).evals["spliced"] == spliced
     for r in spliced.values():
         assert all(np.isfinite([r["clean_loss"], r["spliced_loss"], r["zero_ablated_loss"]]))
         recovered = (r["zero_ablated_loss"] - r["spliced_loss"]) / (r["zero_ablated_loss"] - r["clean_loss"])

@@ -19,6 +19,12 @@ KIND_PERSISTENT = "persistent"  # strong from the first snapshot to the last
 KIND_DEAD = "dead"  # no decoder norm anywhere
 KINDS = (KIND_INITIALISATION, KIND_EMERGENT, KIND_TRANSIENT, KIND_PERSISTENT, KIND_DEAD)
 
+# The one presence rule of every analysis: a feature is present at a snapshot where its decoder norm is at least
+# this fraction of its own peak over snapshots; it emerges at the first snapshot where it is present, and its kind
+# is read from whether it is present at the first and the last snapshot. config.eval.emergence_threshold (default
+# this value) sets it for a run's summary and the planted recovery.
+PRESENT = 0.5
+
 
 def decoder_norms(w_dec: np.ndarray) -> np.ndarray:
     """[S, F, D] decoder -> [S, F] norms n[s, f] = ||W_dec[s, f, :]||."""
@@ -35,7 +41,7 @@ def normalised_strength(norms: np.ndarray) -> np.ndarray:
     return np.divide(norms, peak, out=np.zeros_like(norms), where=peak > 0)
 
 
-def emergence_snapshot(norms: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def emergence_snapshot(norms: np.ndarray, threshold: float = PRESENT) -> np.ndarray:
     """[S, F] norms -> [F] first snapshot index where the normalised strength reaches `threshold` (-1 if dead).
 
     A feature present from the first snapshot gets 0.
@@ -46,7 +52,7 @@ def emergence_snapshot(norms: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return np.where(reached.any(axis=0), first, -1)
 
 
-def classify_kinds(norms: np.ndarray, *, present: float = 0.5, absent: float = 0.2) -> np.ndarray:
+def classify_kinds(norms: np.ndarray, *, present: float = PRESENT, absent: float = 0.2) -> np.ndarray:
     """[S, F] norms -> [F] kind names (KINDS) from the normalised strength profile.
 
     present/absent are fractions of the feature's own peak: at the first snapshot a strength >= present means the
@@ -87,14 +93,14 @@ def consecutive_cosine(w_dec: np.ndarray) -> np.ndarray:
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
-def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, threshold: float = 0.5) -> dict:
+def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, threshold: float = PRESENT) -> dict:
     """Counts of kinds and a histogram of emergence snapshots, JSON-ready."""
     norms = decoder_norms(w_dec)
     num_snapshots = norms.shape[0]
     names = list(snapshot_names) if snapshot_names is not None else [str(s) for s in range(num_snapshots)]
     if len(names) != num_snapshots:
         raise CrossjaxError(f"{len(names)} snapshot names for a decoder with {num_snapshots} snapshots")
-    kinds = classify_kinds(norms)
+    kinds = classify_kinds(norms, present=threshold)
     emergence = emergence_snapshot(norms, threshold)
     emergent = kinds == KIND_EMERGENT
     histogram = {names[s]: int(np.sum(emergence[emergent] == s)) for s in range(num_snapshots)}

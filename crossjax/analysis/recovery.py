@@ -1,0 +1,65 @@
+"""How well a crosscoder trained on planted data recovers the planted truth (crossjax/planted.py).
+
+numpy only: it works on exported decoder weights and the saved ground truth.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from crossjax.analysis import evolution
+from crossjax.errors import CrossjaxError
+
+
+def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: float = 0.9,
+                     emergence_threshold: float = evolution.PRESENT, presence: float = 0.1) -> dict:
+    """How well learned decoder directions W_dec [S,F,D] recover the planted truth.
+
+    snapshots: the store indices of W_dec's S snapshots when the run trained on a subset (data.snapshots); the
+    truth of those snapshots is used, presence is still judged against each feature's peak over all snapshots,
+    and emergence (a property of the whole snapshot sequence) is not measured.
+
+    A true feature counts as present at a snapshot where its strength is at least `presence` times its peak
+    strength over snapshots (a feature decayed to a few percent of its peak is buried in the noise there).
+    - mean_max_cos: for each snapshot, the mean over true features present there of the best cosine
+      similarity to any learned decoder row of that snapshot; then averaged over snapshots.
+    - frac_above: fraction of present (snapshot, true feature) pairs whose best cosine exceeds `threshold`.
+    - emergence: each emergent true feature is matched to the learned feature with the highest mean cosine over
+      the snapshots where it is present; its predicted emergence snapshot is the analyses' own rule
+      (evolution.emergence_snapshot: the first snapshot where the learned decoder norm reaches
+      `emergence_threshold` of its peak). Reported: exact and within-one accuracy against the planted emergence
+      snapshot.
+    """
+    W = np.asarray(W_dec, np.float64)
+    true_dirs = np.asarray(truth.directions, np.float64)         # [S, T, D]
+    strengths = np.asarray(truth.strengths, np.float64)          # [S, T]
+    present = (strengths > 0) & (strengths >= presence * strengths.max(0, keepdims=True))
+    if snapshots is not None:
+        sel = np.asarray(list(snapshots), np.int64)
+        true_dirs, strengths, present = true_dirs[sel], strengths[sel], present[sel]
+    if W.shape[:1] != true_dirs.shape[:1] or W.shape[-1] != true_dirs.shape[-1]:
+        raise CrossjaxError(f"W_dec {W.shape} and the planted truth {true_dirs.shape} (snapshots={snapshots}) "
+                            "differ in snapshots or d_model; pass the store indices of W_dec's snapshots")
+    learned = W / np.maximum(np.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
+    true_unit = true_dirs / np.maximum(np.linalg.norm(true_dirs, axis=-1, keepdims=True), 1e-12)
+    cos = np.einsum("std,sfd->stf", true_unit, learned)          # [S, T, F]
+    best = cos.max(-1)                                           # [S, T]
+    per_snapshot = [float(best[s][present[s]].mean()) if present[s].any() else float("nan")
+                    for s in range(best.shape[0])]
+    out = dict(mean_max_cos=float(np.nanmean(per_snapshot)), mean_max_cos_per_snapshot=per_snapshot,
+               frac_above=float((best[present] > threshold).mean()), threshold=threshold, presence=presence)
+
+    if snapshots is not None:
+        out["snapshots"] = [int(i) for i in snapshots]
+        out["note"] = "trained on a subset of the snapshots: emergence is not measured"
+        return out
+    emergent = np.flatnonzero(np.asarray(truth.emergence_snapshot) >= 0)
+    if emergent.size:
+        mean_cos = (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]   # [T, F]
+        match = mean_cos.argmax(-1)                              # [T]
+        # the same rule the analyses use: first snapshot where the normalised decoder norm reaches the threshold
+        predicted = evolution.emergence_snapshot(evolution.decoder_norms(W)[:, match[emergent]], emergence_threshold)
+        target = np.asarray(truth.emergence_snapshot)[emergent]
+        out.update(emergence_accuracy=float(np.mean(predicted == target)),
+                   emergence_within_one=float(np.mean(np.abs(predicted - target) <= 1)),
+                   emergence_threshold=emergence_threshold, num_emergent=int(emergent.size))
+    return out
