@@ -12,7 +12,7 @@ crossjax/planted.py) under the workdir, trains a 128-feature JumpReLU crosscoder
     summary: /tmp/crossjax_quick/summary.json  metrics: ...  tensorboard: ...  weights: ...
 
 in about 10-30 s on 2 CPU cores (one device; the numbers above are from that setting: other device counts change
-the batch order and the numbers slightly). tests/test_trainer_quick.py checks the recovery. Variants: `quick` (above); `default` (8 snapshots, d_model 64, 128 true features, 256 learned, 2500 steps of 1024
+the batch order and the numbers slightly). tests/trainer/test_trainer_quick.py checks the recovery. Variants: `quick` (above); `default` (8 snapshots, d_model 64, 128 true features, 256 learned, 2500 steps of 1024
 rows; about 1.5-6 minutes on 2 CPU cores, printing held-out EV 0.9470, mean max cosine 0.986, fraction above
 0.9: 0.973, emergence exact 0.67 / within one 0.77 of 39 emergent features); `tiny` (8 steps on a minimal store, for
 tests).

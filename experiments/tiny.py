@@ -24,7 +24,7 @@ It prints the suite's progress, the activation plan, progress bars with tokens/s
 
 The first run took 11 minutes on this project's 2-core development machine, install included (suite about 8
 minutes); later runs reuse the suite. Variant `micro` (`experiments/tiny.py:micro`) is the same pipeline at toy
-sizes (a suite that builds in seconds, 4 snapshots, 4096 tokens): the end-to-end test in tests/test_suite.py runs it.
+sizes (a suite that builds in seconds, 4 snapshots, 4096 tokens): the end-to-end test in tests/suite/test_suite.py runs it.
 
 get_config leaves model.path_template empty: before any stage runs, the pipeline points it at the suite's
 directory, derived from the suite settings as they are after command-line overrides, and checks that

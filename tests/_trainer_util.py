@@ -6,6 +6,9 @@ import numpy as np
 
 from crossjax import configs
 
+# Length of the single-device reference run (tests/trainer/conftest.py one_device_run).
+STEPS = 6
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -1,4 +1,4 @@
-"""Writes a small test store unit by unit in its own process; used by tests/test_store.py.
+"""Writes a small test store unit by unit in its own process; used by tests/data/test_store.py.
 
 usage: python _store_writer_proc.py URL PROCESS_INDEX PROCESS_COUNT [--die-before-marker K] [--sleep SECONDS]
 

@@ -8,38 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _trainer_util import experiment, exported, summary, tiny_config, train_records
+from _trainer_util import STEPS, experiment, exported, mesh_overrides, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import store as store_lib
 from crossjax import optim, pipeline, trainer
 from crossjax.analysis import recovery
 from crossjax.errors import CrossjaxError
-
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    """One tiny planted store (S=4, D=16, 16 true features, 8 blocks of 512 rows) shared by the tests."""
-    path = str(tmp_path_factory.mktemp("planted") / "store")
-    from crossjax import planted
-    planted.ensure_planted(tiny_config(path).planted, path)
-    return path
-
-
-def _mesh(data, snapshot, feature):
-    return {"mesh.data": data, "mesh.snapshot": snapshot, "mesh.feature": feature}
-
-
-@pytest.fixture(scope="module")
-def one_device_run(store_path, tmp_path_factory):
-    """The reference: STEPS float32 steps on a single device, logged every step."""
-    workdir = str(tmp_path_factory.mktemp("one_device"))
-    c = tiny_config(store_path, **_mesh(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
-                                                     "train.checkpoint_every": 0})
-    pipeline.run(c, workdir)
-    return workdir
-
 
 # -------------------------------------------------------------------------------------------------- schedules
 
@@ -73,7 +47,7 @@ def test_threshold_learns_at_a_scaled_rate():
 
 @pytest.mark.parametrize("mesh", [(1, 1, 8), (2, 2, 2), (8, 1, 1)])
 def test_meshes_give_the_single_device_numbers(mesh, store_path, one_device_run, tmp_path):
-    c = tiny_config(store_path, **_mesh(*mesh), **{"train.steps": STEPS, "train.log_every": 1,
+    c = tiny_config(store_path, **mesh_overrides(*mesh), **{"train.steps": STEPS, "train.log_every": 1,
                                                    "train.checkpoint_every": 0})
     pipeline.run(c, str(tmp_path))
     ref, got = train_records(one_device_run), train_records(tmp_path)
@@ -90,7 +64,7 @@ def test_meshes_give_the_single_device_numbers(mesh, store_path, one_device_run,
 
 
 def test_workdir_of_another_config_is_refused(store_path, one_device_run):
-    c = tiny_config(store_path, **_mesh(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
+    c = tiny_config(store_path, **mesh_overrides(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
                                                      "train.checkpoint_every": 3, "train.lr": 0.5})
     before = sorted(os.listdir(os.path.join(one_device_run, "checkpoints")))
     with pytest.raises(CrossjaxError) as e:
@@ -102,7 +76,7 @@ def test_workdir_of_another_config_is_refused(store_path, one_device_run):
 
 def test_finished_run_reruns_without_training_again(store_path, one_device_run):
     before = summary(one_device_run)
-    c = tiny_config(store_path, **_mesh(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
+    c = tiny_config(store_path, **mesh_overrides(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
                                                      "train.checkpoint_every": 3})
     again = pipeline.run(c, one_device_run)
     assert again.heldout == before.heldout and len(train_records(one_device_run)) == STEPS

@@ -1,7 +1,7 @@
 """One of two processes joined by jax.distributed on localhost; each writes what its devices received.
 
-usage: python tests/_data_two_process.py PORT PROCESS_ID STORE OUT.npz
-The batch settings here are mirrored by tests/test_data.py::test_two_processes_build_the_single_process_batches.
+usage: python tests/data/_data_two_process.py PORT PROCESS_ID STORE OUT.npz
+The batch settings here are mirrored by tests/data/test_data.py::test_two_processes_build_the_single_process_batches.
 """
 
 import json

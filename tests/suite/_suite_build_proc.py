@@ -1,6 +1,6 @@
 """Builds a micro suite in a subprocess, slowed down per step so a test can SIGKILL it between snapshots.
 
-usage: python tests/_suite_build_proc.py SUITE_DIR SECONDS_PER_STEP
+usage: python tests/suite/_suite_build_proc.py SUITE_DIR SECONDS_PER_STEP
 The sleep happens outside the jitted step, so the numbers are those of an ordinary build.
 """
 import sys

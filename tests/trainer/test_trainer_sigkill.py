@@ -7,19 +7,10 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from _trainer_util import ROOT, exported, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import pipeline
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("planted") / "store")
-    from crossjax import planted
-    planted.ensure_planted(tiny_config(path).planted, path)
-    return path
 
 
 def _cli(store_path, workdir, steps):

@@ -20,7 +20,7 @@ from crossjax.errors import CrossjaxError
 from crossjax.suite import corpus, dirs, model, pretrain, token_data, training
 from crossjax.suite import tokenizer as tokenizer_lib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def micro(path, **overrides):
@@ -197,7 +197,7 @@ def test_same_seed_gives_identical_weights(built, tmp_path):
 
 def test_a_build_killed_mid_way_resumes_to_the_same_weights(built, tmp_path):
     root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "_suite_build_proc.py"), str(root), "0.25"],
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "suite" / "_suite_build_proc.py"), str(root), "0.25"],
                             cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240

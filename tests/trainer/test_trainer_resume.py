@@ -1,34 +1,12 @@
 """Resuming: a run stopped after a checkpoint and restored onto another mesh ends where an uninterrupted
-single-device run ends (tests/test_trainer_sigkill.py kills a run instead)."""
+single-device run ends (tests/trainer/test_trainer_sigkill.py kills a run instead)."""
 import os
 
 import numpy as np
-import pytest
 
-from _trainer_util import exported, mesh_overrides, tiny_config, train_records
+from _trainer_util import STEPS, exported, mesh_overrides, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import pipeline
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("planted") / "store")
-    from crossjax import planted
-    planted.ensure_planted(tiny_config(path).planted, path)
-    return path
-
-
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def one_device_run(store_path, tmp_path_factory):
-    """The reference: STEPS float32 steps on a single device, logged every step."""
-    workdir = str(tmp_path_factory.mktemp("one_device"))
-    c = tiny_config(store_path, **mesh_overrides(1, 1, 1), **{"train.steps": STEPS, "train.log_every": 1,
-                                                              "train.checkpoint_every": 0})
-    pipeline.run(c, workdir)
-    return workdir
 
 
 def test_resume_onto_another_mesh_continues_the_same_run(store_path, one_device_run, tmp_path):

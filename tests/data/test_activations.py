@@ -17,7 +17,7 @@ from crossjax import store as store_lib
 from crossjax.errors import CrossjaxError
 
 LAYER = 1  # model.hook = blocks.1.hook_resid_post -> transformers hidden_states[2]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_two_processes_write_the_store_of_one(root, reference, tmp_path):
 def test_sigkill_then_resume_gives_the_same_store(root, reference, tmp_path):
     config, url = reference
     store = tmp_path / "store"
-    cmd = [sys.executable, str(REPO / "tests" / "_activations_proc.py"),
+    cmd = [sys.executable, str(REPO / "tests" / "data" / "_activations_proc.py"),
            f"--config={REPO / 'tests' / '_activations_config.py'}:{root}:{store}", f"--workdir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline, done = time.time() + 120, []
