@@ -81,6 +81,22 @@ class BatchOrder:
         win = np.searchsorted(offsets, at, side="right") - 1
         return win, at - offsets[win]
 
+    def unserved_rows(self, epoch: int) -> np.ndarray:
+        """Store row ids [n] of the rows the epoch end rule skips in `epoch` (the tail of each stream), in stream
+        order: evaluation reads them after the last whole batch so that every row counts."""
+        out = []
+        served = self.batches_per_epoch * self.piece
+        for g, stream in enumerate(self.epoch(epoch)):
+            for w, blocks in enumerate(stream.windows):
+                lo, hi = int(stream.offsets[w]), int(stream.offsets[w + 1])
+                if hi <= served:
+                    continue
+                rows = np.concatenate([np.arange(b * self.block_rows, b * self.block_rows + self.block_len(b))
+                                       for b in blocks])
+                perm = self.window_perm(epoch, g, w, hi - lo)
+                out.append(rows[perm[max(served - lo, 0):]])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     def describe(self) -> dict:
         """JSON-able settings that fix the order; a saved state only fits a loader with equal settings."""
         digest = hashlib.sha256(np.asarray(self.blocks, np.int64).tobytes()).hexdigest()[:16]

@@ -65,6 +65,11 @@ class BatchLoader(grain.DatasetIterator):
         return self.global_shape[0]
 
     @property
+    def order(self) -> BatchOrder:
+        """Which store rows form which batch (and which rows an epoch leaves over)."""
+        return self._order
+
+    @property
     def batches_per_epoch(self) -> int:
         return self._order.batches_per_epoch
 

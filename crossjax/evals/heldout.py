@@ -1,5 +1,9 @@
-"""Held-out evaluation: explained variance (PAPER.md), legacy EV, L0 per snapshot and dead fraction over the
-store's held-out blocks, computed on the mesh with the training batch's sharding.
+"""Held-out evaluation: explained variance (PAPER.md), legacy EV, L0 per snapshot and dead fraction over every
+row of the store's held-out blocks, computed on the mesh with the training batch's sharding.
+
+The loader serves whole batches; the rows its epoch end rule leaves over (fewer than one batch) are evaluated
+as one more batch, padded with copies of its rows that a row mask keeps out of every sum. eval.max_batches > 0 limits the
+evaluation to that many whole batches (a quick look during training; `rows` says how many counted).
 
 Returns ev [S], ev_legacy [S], ev_mean, ev_legacy_mean, l0 [S], l0_mean, mse [S], dead_frac, rows. The pipeline
 also calls `evaluate_params` every train.eval_every steps during training.
@@ -14,7 +18,6 @@ from crossjax import crosscoder, data, sharding
 from crossjax import metrics as metrics_lib
 from crossjax.errors import CrossjaxError
 
-_KEEP = ("sse", "x_sum", "x_sq_sum", "legacy_sum", "count", "l0_per_snapshot", "fired", "mse_per_snapshot")
 
 
 def evaluate(run) -> dict:
@@ -38,18 +41,28 @@ def evaluate_params(run, params) -> dict:
     fired = np.zeros(run.crosscoder.num_features, bool)
     limit = int(config.eval.max_batches) or None
     l0_sum, mse_sum = 0.0, 0.0
+    mesh = run.shardings["mesh"]
+    whole = jax.device_put(jnp.ones((batch,), jnp.float32), sharding.replicated(mesh))
+
+    def add(acts, mask):
+        nonlocal fired, l0_sum, mse_sum
+        sums = jax.device_get(step(params, acts, scales, mask))
+        ev.add(sums)
+        fired |= np.asarray(sums["fired"], bool)
+        l0_sum = l0_sum + np.asarray(sums["l0_sum"], np.float64)
+        mse_sum = mse_sum + np.asarray(sums["sse"], np.float64)
+
     try:
         for i, b in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            sums = jax.device_get(step(params, b["acts"], scales))
-            n = float(sums["count"])
-            ev.add(sums)
-            fired |= np.asarray(sums["fired"], bool)
-            l0_sum = l0_sum + np.asarray(sums["l0_per_snapshot"], np.float64) * n
-            mse_sum = mse_sum + np.asarray(sums["mse_per_snapshot"], np.float64) * n
+            add(b["acts"], whole)
     finally:
         loader.close()
+    if limit is None or loader.num_batches < limit:
+        tail = loader.order.unserved_rows(0)
+        if len(tail):
+            add(*_padded_batch(store, tail, batch, run.snapshot_indices, run.shardings["batch"], mesh))
     result = ev.result()
     l0 = l0_sum / result["count"]
     return dict(ev=result["ev"].tolist(), ev_legacy=result["ev_legacy"].tolist(), ev_mean=result["ev_mean"],
@@ -69,14 +82,42 @@ def batch_size(config, store, heldout_blocks, mesh) -> int:
     return min(want, cap)
 
 
+def _padded_batch(store, rows: np.ndarray, batch: int, snapshots, acts_sharding, mesh):
+    """The store rows `rows` [n <= batch] as one global batch [batch, S, D] padded with copies of them, and its row
+    mask [batch] (1 for real rows). Every process reads the same rows and keeps its own part of the batch."""
+    rows = np.sort(rows)
+    blocks = np.unique(rows // store.meta.block_rows)
+    read = store.read_blocks(blocks)
+    starts = {int(b): i * store.meta.block_rows for i, b in enumerate(blocks)}
+    local = np.array([starts[int(r // store.meta.block_rows)] + int(r % store.meta.block_rows) for r in rows])
+    acts = read[local] if snapshots is None else read[np.ix_(local, np.asarray(snapshots))]
+    # padding repeats the real rows: a batch-dependent activation (BatchTopK) then sees the tail's own rows
+    padded = acts[np.arange(batch) % len(rows)]
+    mask = np.zeros(batch, np.float32)
+    mask[: len(rows)] = 1.0
+    global_acts = jax.make_array_from_callback(padded.shape, acts_sharding, lambda index: padded[index])
+    return global_acts, jax.device_put(jnp.asarray(mask), sharding.replicated(mesh))
+
+
 def _make_eval_step(cc_cfg, config, shardings: dict):
-    """jit(params, acts [B,S,D], scales [S]) -> this batch's sums for EV, legacy EV, L0 and firing."""
+    """jit(params, acts [B,S,D], scales [S], mask [B]) -> the sums over the batch's rows with mask 1: EV sums
+    (metrics.SUM_KEYS), l0_sum [S] (active features summed over rows), fired [F] (active on some row)."""
     compute_dtype = jnp.dtype(config.train.compute_dtype)
 
-    def eval_fn(params, acts, scales):
+    def eval_fn(params, acts, scales, mask):
         x = crosscoder.normalize(acts.astype(jnp.float32), scales)
-        _, aux = crosscoder.loss_fn(params, x, cc_cfg, sparsity_coef=0.0, compute_dtype=compute_dtype)
-        return {k: aux[k] for k in _KEEP}
+        out = crosscoder.forward(params, x, cc_cfg, compute_dtype=compute_dtype)
+        xhat, active = out["xhat"], out["acts"] > 0        # acts [B,S,F] (per-snapshot gate) or [B,F]
+        w = mask.astype(jnp.float32)
+        sq = jnp.sum(jnp.square(x - xhat), axis=-1)         # [B,S]
+        x_sq = jnp.sum(jnp.square(x), axis=-1)
+        per_row = jnp.sum(active, axis=-1, dtype=jnp.float32)    # [B,S] or [B]
+        if per_row.ndim == 1:
+            per_row = jnp.broadcast_to(per_row[:, None], sq.shape)
+        row_active = active if active.ndim == 2 else jnp.any(active, axis=1)    # [B,F]
+        return {"sse": w @ sq, "x_sum": jnp.einsum("b,bsd->sd", w, x), "x_sq_sum": w @ x_sq,
+                "legacy_sum": w @ (sq / jnp.maximum(x_sq, 1e-30)), "count": jnp.sum(w),
+                "l0_sum": w @ per_row, "fired": jnp.any(row_active & (w[:, None] > 0), axis=0)}
 
     rep = sharding.replicated(shardings["mesh"])
-    return jax.jit(eval_fn, in_shardings=(shardings["params"], shardings["batch"], rep), out_shardings=rep)
+    return jax.jit(eval_fn, in_shardings=(shardings["params"], shardings["batch"], rep, rep), out_shardings=rep)
