@@ -1,8 +1,12 @@
-"""Every test sees 8 simulated CPU devices; this must run before JAX initialises a backend."""
+"""Every test sees 8 simulated CPU devices; this must run before JAX initialises a backend. XLA_FLAGS is set
+too (keeping the user's other flags), so that a child process a test starts without tests/_procs.child_env
+also sees 8."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from _procs import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from _procs import child_env
 from _files import tree_bytes
 from _trainer_util import ROOT, experiment
 from crossjax import compare, configs, crosscoder, data, metrics, pipeline, planted, snapshot_names
@@ -164,7 +165,7 @@ def test_command_prints_the_table(tmp_path):
         [sys.executable, "-m", "crossjax.compare", f"--config={ROOT}/experiments/synthetic.py:tiny",
          f"--workdir={tmp_path}", "--snapshots=planted_0", "--config.train.steps=4"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        env=child_env(1))
     assert proc.returncode == 0, proc.stderr[-2000:]
     cc = RunSummary.read(tmp_path)
     sae = RunSummary.read(tmp_path / "sae" / "planted_0")
@@ -177,7 +178,7 @@ def test_command_prints_the_table(tmp_path):
         [sys.executable, "-m", "crossjax.compare", f"--config={ROOT}/experiments/synthetic.py:tiny",
          f"--workdir={tmp_path}", "--config.train.stpes=4"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        env=child_env(1))
     assert bad.returncode == 2 and "unknown config key config.train.stpes" in bad.stderr, bad.stderr[-2000:]
 
 

@@ -9,6 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from _procs import child_env
 from _trainer_util import ROOT, experiment
 
 from crossjax import configs, sharding, trainer
@@ -62,7 +63,8 @@ def test_experiments_build_their_configs_without_jax_or_io():
         heavy = sorted({{m for m in sys.modules if m.split(".")[0] in {HEAVY!r}}})
         print(json.dumps(dict(loaded=len(loaded), heavy=heavy)))
     """)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(1), capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == dict(loaded=len(_specs()), heavy=[])
 
@@ -122,7 +124,7 @@ def test_the_variant_is_everything_after_the_first_colon():
 
 
 def test_unknown_key_on_the_command_line_fails_with_the_valid_keys(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = child_env(1)
     r = subprocess.run([sys.executable, "-m", "crossjax.train", "--config=experiments/synthetic.py:tiny",
                         "--config.train.lrr=1", f"--workdir={tmp_path / 'w'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _procs import child_env
 import _activations_fixtures as fx
 from crossjax import activations, tokens
 from crossjax import store as store_lib
@@ -104,7 +105,7 @@ def test_sigkill_then_resume_gives_the_same_store(root, reference, tmp_path):
     store = tmp_path / "store"
     cmd = [sys.executable, str(REPO / "tests" / "data" / "_activations_proc.py"),
            f"--config={REPO / 'tests' / '_activations_config.py'}:{root}:{store}", f"--workdir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline, done = time.time() + 120, []
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -127,7 +128,7 @@ def test_command_line_on_one_device(root, reference, tmp_path):
     """`python -m crossjax.activations` in a process with one device (no mesh) writes the same rows."""
     config, url = reference
     store = tmp_path / "store"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = child_env(1)
     out = subprocess.run([sys.executable, "-m", "crossjax.activations",
                           f"--config={REPO / 'tests' / '_activations_config.py'}:{root}:{store}",
                           f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from _procs import child_env
 from _data_stores import row_values, write_store
 from crossjax.data import make_loader
 from crossjax.errors import CrossjaxError
@@ -285,7 +286,7 @@ def _free_port():
 def test_two_processes_build_the_single_process_batches(store, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "_data_two_process.py")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env(None)          # each process sets its own 4 devices
     outs = [str(tmp_path / f"p{i}.npz") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, script, str(port), str(i), store.url, outs[i]], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

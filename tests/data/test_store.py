@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from _procs import child_env
 from crossjax import configs
 from crossjax import store as store_lib
 from _files import tree_bytes
@@ -33,7 +34,7 @@ META = writer.META
 
 
 def run_writer(url, *args, check=True):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    env = child_env(1, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
     return subprocess.run([sys.executable, WRITER, url, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=120, check=check)
 
@@ -136,7 +137,7 @@ def test_sigkill_before_marker_then_resume_is_byte_identical(tmp_path, reference
 def test_sigkill_from_outside_mid_run_then_resume(tmp_path, reference):
     _, ref = reference
     path = str(tmp_path / "store")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    env = child_env(1, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
     proc = subprocess.Popen([sys.executable, WRITER, path, "0", "1", "--sleep", "0.02"], stdout=subprocess.PIPE,
                             text=True, env=env)
     try:
@@ -157,7 +158,7 @@ def test_sigkill_from_outside_mid_run_then_resume(tmp_path, reference):
 def test_two_processes_disjoint_blocks_equal_one_process(tmp_path, reference):
     _, ref = reference
     path = str(tmp_path / "store")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    env = child_env(1, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
     procs = [subprocess.Popen([sys.executable, WRITER, path, str(i), "2"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]

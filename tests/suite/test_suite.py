@@ -3,7 +3,6 @@
 One micro suite is built per module (seconds) and shared; transformers' PyTorch GPT-NeoX is the reference model.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from _procs import child_env
 from crossjax import configs
 from crossjax import checkpoint
 from crossjax.errors import CrossjaxError
@@ -198,7 +198,7 @@ def test_same_seed_gives_identical_weights(built, tmp_path):
 def test_a_build_killed_mid_way_resumes_to_the_same_weights(built, tmp_path):
     root = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "suite" / "_suite_build_proc.py"), str(root), "0.25"],
-                            cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, env=child_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:

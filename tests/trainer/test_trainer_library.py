@@ -1,12 +1,12 @@
 """The trainer as a library: arrays in memory, per-step callbacks, and a trainer that imports no stage."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from _procs import child_env
 from _trainer_util import ROOT, experiment
 from crossjax import trainer
 from crossjax.array_store import store_from_arrays
@@ -66,6 +66,6 @@ def test_the_trainer_imports_no_stage_or_analysis_module():
     code = ("import sys; import crossjax.trainer; "
             f"print([m for m in sys.modules if any(m == s or m.startswith(s + '.') for s in {stages!r})])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env=child_env(1))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout

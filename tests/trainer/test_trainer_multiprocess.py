@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from _procs import child_env
 from _trainer_util import ROOT, exported, summary, tiny_config, train_records
 from crossjax import pipeline
 
@@ -28,7 +29,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     two = str(tmp_path / "two")
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = child_env(4)
     cmd = [sys.executable, "-m", "crossjax.train", "--config=experiments/synthetic.py:tiny",
            f"--config.store.path={store}", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
            "--config.train.checkpoint_every=3", f"--config.data.streams={STREAMS}", f"--workdir={two}",

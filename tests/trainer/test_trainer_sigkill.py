@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from _procs import child_env
 from _trainer_util import ROOT, exported, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import pipeline
@@ -21,7 +22,7 @@ def _cli(store_path, workdir, steps):
 
 def test_sigkill_mid_run_then_same_command_resumes_to_the_same_result(store_path, tmp_path):
     steps = 400
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = child_env(8)
     killed = str(tmp_path / "killed")
     log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the child
     proc = subprocess.Popen(_cli(store_path, killed, steps), cwd=ROOT, env=env, stdout=log, stderr=log)
