@@ -1,4 +1,6 @@
 """Spliced-in loss on tiny transformers-made GPT-NeoX snapshots, checked against PyTorch forwards with hooks."""
+import types
+
 import numpy as np
 import pytest
 
@@ -169,34 +171,45 @@ def test_export_directory_and_contexts_object(snapshots, contexts, tmp_path):
     assert a == b
 
 
-def test_errors(snapshots, contexts):
+def _small_crosscoder(a):
+    params, scales, _ = a.cc
+    return params, scales, crosscoder.CrosscoderConfig(num_snapshots=2, d_model=16, num_features=4)
+
+
+# case -> (the call, given a: dirs, cc, hook, ids, valid, real; the message it must raise)
+ERRORS = {
+    "fewer snapshots": (lambda a: spliced_loss(a.dirs[:1], a.cc, a.hook, (a.ids, a.valid)),
+                        "covers 2 snapshots but 1 were given"),
+    "not a residual hook": (lambda a: spliced_loss(a.dirs, a.cc, "blocks.0.hook_mlp_out", (a.ids, a.valid)),
+                            "not a residual hook"),
+    "hook too deep": (lambda a: spliced_loss(a.dirs, a.cc, "blocks.5.hook_resid_post", (a.ids, a.valid)),
+                      "2 layers"),
+    "other d_model": (lambda a: spliced_loss(a.dirs, _small_crosscoder(a), a.hook, (a.ids, a.valid)),
+                      "hidden size 32 but the crosscoder's d_model is 16"),
+    "valid outside the mask": (lambda a: spliced_loss(a.dirs, a.cc, a.hook, (a.ids, a.valid),
+                                                      attention_mask=np.zeros_like(a.real)),
+                               "outside the attention mask"),
+    "nothing valid": (lambda a: spliced_loss(a.dirs, a.cc, a.hook, (a.ids, np.zeros_like(a.valid))),
+                      "no position is valid"),
+    "token beyond the vocabulary": (lambda a: spliced_loss(a.dirs, a.cc, a.hook, (a.ids + VOCAB, a.valid)),
+                                    "vocab_size 96"),
+    "a snapshot twice": (lambda a: spliced_loss([a.dirs[0], a.dirs[0]], a.cc, a.hook, (a.ids, a.valid)), "repeat"),
+    "no crosscoder": (lambda a: spliced_loss(a.dirs, None, a.hook, (a.ids, a.valid)), "reconstruct function"),
+    "reconstruction of another shape": (lambda a: spliced_loss(a.dirs, None, a.hook, (a.ids, a.valid),
+                                                               reconstruct=lambda x: x[:, :1]),
+                                        "reconstruction has shape"),
+    "valid of another shape": (lambda a: spliced_loss(a.dirs, a.cc, a.hook, (a.ids, a.valid[:, :3])),
+                               "valid must be a bool array"),
+    "missing export": (lambda a: spliced_loss(a.dirs, "/nonexistent/export", a.hook, (a.ids, a.valid)),
+                       "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors(snapshots, contexts, case):
     ids, valid, real = contexts
-    dirs = [p for _, p in snapshots]
-    cc = identity_crosscoder()
-    hook = "blocks.0.hook_resid_post"
-    with pytest.raises(CrossjaxError, match="covers 2 snapshots but 1 were given"):
-        spliced_loss(dirs[:1], cc, hook, (ids, valid))
-    with pytest.raises(CrossjaxError, match="not a residual hook"):
-        spliced_loss(dirs, cc, "blocks.0.hook_mlp_out", (ids, valid))
-    with pytest.raises(CrossjaxError, match="2 layers"):
-        spliced_loss(dirs, cc, "blocks.5.hook_resid_post", (ids, valid))
-    params, scales, cfg = cc
-    small = crosscoder.CrosscoderConfig(num_snapshots=2, d_model=16, num_features=4)
-    with pytest.raises(CrossjaxError, match="hidden size 32 but the crosscoder's d_model is 16"):
-        spliced_loss(dirs, (params, scales, small), hook, (ids, valid))
-    with pytest.raises(CrossjaxError, match="outside the attention mask"):
-        spliced_loss(dirs, cc, hook, (ids, valid), attention_mask=np.zeros_like(real))
-    with pytest.raises(CrossjaxError, match="no position is valid"):
-        spliced_loss(dirs, cc, hook, (ids, np.zeros_like(valid)))
-    with pytest.raises(CrossjaxError, match="vocab_size 96"):
-        spliced_loss(dirs, cc, hook, (ids + VOCAB, valid))
-    with pytest.raises(CrossjaxError, match="repeat"):
-        spliced_loss([dirs[0], dirs[0]], cc, hook, (ids, valid))
-    with pytest.raises(CrossjaxError, match="reconstruct function"):
-        spliced_loss(dirs, None, hook, (ids, valid))
-    with pytest.raises(CrossjaxError, match="reconstruction has shape"):
-        spliced_loss(dirs, None, hook, (ids, valid), reconstruct=lambda x: x[:, :1])
-    with pytest.raises(CrossjaxError, match="valid must be a bool array"):
-        spliced_loss(dirs, cc, hook, (ids, valid[:, :3]))
-    with pytest.raises(CrossjaxError, match="not found"):
-        spliced_loss(dirs, "/nonexistent/export", hook, (ids, valid))
+    a = types.SimpleNamespace(dirs=[p for _, p in snapshots], cc=identity_crosscoder(),
+                              hook="blocks.0.hook_resid_post", ids=ids, valid=valid, real=real)
+    call, message = ERRORS[case]
+    with pytest.raises(CrossjaxError, match=message):
+        call(a)

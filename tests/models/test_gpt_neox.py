@@ -263,26 +263,38 @@ def test_published_pythia_configs_build_abstractly_with_published_counts(name, t
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_hook_errors_name_the_depth():
+def _four_layers():
     cfg = NeoXConfig(vocab_size=32, hidden_size=16, num_layers=4, num_heads=2, intermediate_size=32,
                      max_position_embeddings=8)
-    model = GPTNeoX(cfg, rngs=nnx.Rngs(0))
-    ids = jnp.zeros((1, 4), jnp.int32)
-    with pytest.raises(CrossjaxError, match="4 layers"):
-        model.run_hooks(ids, ["blocks.4.hook_resid_post"])
-    with pytest.raises(CrossjaxError, match="unknown hook"):
-        model.run_hooks(ids, ["blocks.1.resid"])
-    with pytest.raises(CrossjaxError, match="4 layers"):
-        validate_hook(cfg, "blocks.9.hook_resid_pre")
+    return cfg, GPTNeoX(cfg, rngs=nnx.Rngs(0)), jnp.zeros((1, 4), jnp.int32)
+
+
+# case -> (the call, given (cfg, model, ids) of a 4-layer model with 8 positions; the message it must raise)
+HOOK_ERRORS = {
+    "hook past the last layer": (lambda cfg, m, ids: m.run_hooks(ids, ["blocks.4.hook_resid_post"]), "4 layers"),
+    "unknown hook": (lambda cfg, m, ids: m.run_hooks(ids, ["blocks.1.resid"]), "unknown hook"),
+    "validate_hook past the last layer": (lambda cfg, m, ids: validate_hook(cfg, "blocks.9.hook_resid_pre"),
+                                          "4 layers"),
+    "forward_from a non-residual hook": (lambda cfg, m, ids: m.forward_from("blocks.1.hook_attn_out",
+                                                                            jnp.zeros((1, 4, 16))),
+                                         "residual hooks"),
+    "context longer than the positions": (lambda cfg, m, ids: m(jnp.zeros((1, 9), jnp.int32)),
+                                          "max_position_embeddings"),
+    "validate_context_len": (lambda cfg, m, ids: validate_context_len(cfg, 2048), "max_position_embeddings"),
+    "attention_mask of another shape": (lambda cfg, m, ids: m(ids, jnp.ones((1, 5))), "attention_mask"),
+    "loss of one position": (lambda cfg, m, ids: lm_loss(jnp.zeros((1, 1, 32)), jnp.zeros((1, 1), jnp.int32)),
+                             "T >= 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOOK_ERRORS))
+def test_hook_errors_name_the_depth(case):
+    call, message = HOOK_ERRORS[case]
+    with pytest.raises(CrossjaxError, match=message):
+        call(*_four_layers())
+
+
+def test_validate_hook_returns_the_depth_of_the_residual_stream():
+    cfg, _, _ = _four_layers()
     assert validate_hook(cfg, "blocks.2.hook_resid_pre") == 2
     assert validate_hook(cfg, "blocks.2.hook_resid_post") == 3
-    with pytest.raises(CrossjaxError, match="residual hooks"):
-        model.forward_from("blocks.1.hook_attn_out", jnp.zeros((1, 4, 16)))
-    with pytest.raises(CrossjaxError, match="max_position_embeddings"):
-        model(jnp.zeros((1, 9), jnp.int32))
-    with pytest.raises(CrossjaxError, match="max_position_embeddings"):
-        validate_context_len(cfg, 2048)
-    with pytest.raises(CrossjaxError, match="attention_mask"):
-        model(ids, jnp.ones((1, 5)))
-    with pytest.raises(CrossjaxError, match="T >= 2"):
-        lm_loss(jnp.zeros((1, 1, 32)), jnp.zeros((1, 1), jnp.int32))
