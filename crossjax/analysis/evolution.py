@@ -1,4 +1,5 @@
-"""How each crosscoder feature evolves over snapshots: strength, emergence, kind, rotation.
+"""How each crosscoder feature evolves over snapshots: strength, emergence, kind, rotation (clusters of strength
+curves and the snapshot-by-snapshot rotation matrix: crossjax/analysis/trajectories.py).
 
 All functions take the decoder `W_dec [S, F, D]` (or its norms `[S, F]`) of one crosscoder and work in numpy, so they
 run on exported weights without JAX or a mesh. Snapshot index s refers to the store's snapshot order (increasing
@@ -93,8 +94,12 @@ def consecutive_cosine(w_dec: np.ndarray) -> np.ndarray:
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
-def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, threshold: float = PRESENT) -> dict:
-    """Counts of kinds and a histogram of emergence snapshots, JSON-ready."""
+def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, threshold: float = PRESENT, *,
+              clusters: int = 6, cluster_seed: int = 0) -> dict:
+    """JSON-ready: counts of kinds, the emergent features' emergence histogram (by snapshot, and by training step
+    when the names carry it), the mean rotation matrix [S, S] over live features and per kind, and `clusters`
+    k-means clusters of the strength curves (crossjax/analysis/trajectories.py)."""
+    from crossjax.analysis import trajectories
     norms = decoder_norms(w_dec)
     num_snapshots = norms.shape[0]
     names = list(snapshot_names) if snapshot_names is not None else [str(s) for s in range(num_snapshots)]
@@ -104,8 +109,18 @@ def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, thresh
     emergence = emergence_snapshot(norms, threshold)
     emergent = kinds == KIND_EMERGENT
     histogram = {names[s]: int(np.sum(emergence[emergent] == s)) for s in range(num_snapshots)}
+    by_step = trajectories.emergence_by_step(np.where(emergent, emergence, -1), names)
+    live = kinds != KIND_DEAD
+
+    def matrix(m):
+        return [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in m]
+
     return {
         "kinds": {kind: int(np.sum(kinds == kind)) for kind in KINDS},
         "emergent_features_by_snapshot": histogram,
+        "emergent_features_by_step": by_step if trajectories.training_steps(names) is not None else None,
         "emergence_threshold": threshold,
+        "rotation": matrix(trajectories.rotation_matrix(w_dec, live)),
+        "rotation_by_kind": {k: matrix(m) for k, m in trajectories.rotation_by_kind(w_dec, kinds).items()},
+        "clusters": trajectories.cluster_strength_curves(norms, clusters, seed=cluster_seed).to_json(),
     }

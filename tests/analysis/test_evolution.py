@@ -55,5 +55,12 @@ def test_summary_counts_emergent_by_snapshot():
     summary = evolution.summarise(_decoder_from_norms(NORMS), ["step0", "step1", "step2", "step3"])
     assert summary["kinds"]["emergent"] == 1
     assert summary["emergent_features_by_snapshot"] == {"step0": 0, "step1": 0, "step2": 1, "step3": 0}
+    assert summary["emergent_features_by_step"] == {"0": 0, "1": 0, "2": 1, "3": 0}
+    # one fixed direction per feature: every live feature's cosine is 1 where both norms are non-zero
+    rotation = np.array(summary["rotation"], dtype=float)
+    assert rotation.shape == (4, 4) and np.allclose(rotation, 1.0)
+    assert set(summary["rotation_by_kind"]) == {"persistent", "initialisation", "emergent", "transient"}
+    assert summary["clusters"]["k"] == 4 and sum(summary["clusters"]["sizes"]) == 4     # k capped: 4 live features
+    assert evolution.summarise(_decoder_from_norms(NORMS), ["a", "b", "c", "d"])["emergent_features_by_step"] is None
     with pytest.raises(CrossjaxError, match="snapshot names"):
         evolution.summarise(_decoder_from_norms(NORMS), ["a"])
