@@ -78,30 +78,36 @@ def _cluster_key(center: np.ndarray) -> tuple:
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     centers = [points[rng.integers(len(points))]]
     for _ in range(1, k):
-        d2 = np.min(((points[:, None, :] - np.asarray(centers)[None]) ** 2).sum(-1), axis=1)
+        d2 = _sq_distances(points, np.asarray(centers)).min(axis=1)
         total = d2.sum()
         pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=d2 / total)
         centers.append(points[pick])
     return np.asarray(centers)
 
 
+def _sq_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """[N, k] squared distances, by ||p||^2 - 2 p.c + ||c||^2 (no [N, k, S] temporary)."""
+    d2 = (points ** 2).sum(1)[:, None] - 2 * points @ centers.T + (centers ** 2).sum(1)[None]
+    return np.maximum(d2, 0.0)
+
+
 def _lloyd(points: np.ndarray, centers: np.ndarray, iterations: int):
+    k = len(centers)
     for _ in range(int(iterations)):
-        d2 = ((points[:, None, :] - centers[None]) ** 2).sum(-1)     # [N, k]
-        assign = np.argmin(d2, axis=1)
-        moved = centers.copy()
-        for c in range(len(centers)):
-            if np.any(assign == c):         # an empty cluster keeps its centre
-                moved[c] = points[assign == c].mean(axis=0)
+        assign = np.argmin(_sq_distances(points, centers), axis=1)
+        onehot = np.eye(k)[assign]                                   # [N, k]
+        counts, sums = onehot.sum(0), onehot.T @ points
+        # an empty cluster keeps its centre
+        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
         if np.allclose(moved, centers, atol=1e-12):
             break
         centers = moved
-    d2 = ((points[:, None, :] - centers[None]) ** 2).sum(-1)
+    d2 = _sq_distances(points, centers)
     assign = np.argmin(d2, axis=1)
     return assign, centers, float(d2[np.arange(len(points)), assign].sum())
 
 
-def rotation_matrix(w_dec: np.ndarray, features: np.ndarray | None = None, *, chunk: int = 4096) -> np.ndarray:
+def rotation_matrix(w_dec: np.ndarray, features: np.ndarray | None = None, *, chunk: int = 1024) -> np.ndarray:
     """[S, F, D] decoder -> [S, S] mean over features of cos(W_dec[s, f], W_dec[t, f]).
 
     A feature counts at (s, t) when its decoder is non-zero at both; `features` ([F] bool or indices) restricts
@@ -119,11 +125,11 @@ def rotation_matrix(w_dec: np.ndarray, features: np.ndarray | None = None, *, ch
         selected = np.flatnonzero(selected)
     dots, counts = np.zeros((num_s, num_s)), np.zeros((num_s, num_s))
     for lo in range(0, len(selected), chunk):
-        w = w_dec[:, selected[lo:lo + chunk]].astype(np.float64)
+        w = w_dec[:, selected[lo:lo + chunk]].astype(np.float32)      # float64 sums below
         n = np.linalg.norm(w, axis=-1)                                  # [S, f]
         ok = n > 0
         unit = np.divide(w, n[..., None], out=np.zeros_like(w), where=ok[..., None])
-        dots += np.einsum("sfd,tfd->st", unit, unit)
+        dots += np.einsum("sfd,tfd->st", unit, unit).astype(np.float64)
         counts += ok.astype(np.float64) @ ok.T.astype(np.float64)
     return np.divide(dots, counts, out=np.full_like(dots, np.nan), where=counts > 0)
 
