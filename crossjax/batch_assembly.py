@@ -4,6 +4,10 @@ A window (``window_blocks`` blocks of one stream, see :mod:`crossjax.batch_order
 ``store.read_blocks`` call on a small thread pool while the current one is consumed, and kept until every batch
 that needs it is built. :class:`LocalBatch` is the grain map function: global step -> this process's rows of
 that global batch, as numpy.
+
+Every row of a batch comes from a window, and ``store.read_blocks`` has checked each window once as it was
+read (chunks present and intact, values finite; otherwise a DamagedStoreError naming block, snapshot and row),
+so assembling a batch needs no check of its own. An error in a background read reaches the caller of next().
 """
 
 from __future__ import annotations

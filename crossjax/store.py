@@ -20,22 +20,29 @@ import tensorstore as ts
 from crossjax.errors import CrossjaxError
 from crossjax.snapshot_names import index_of
 from crossjax.store_format import (  # StoreMeta, DTYPES and the errors: callers import them from here
-    CONTEXT,
     DTYPES,
     LAYOUT_KEYS,
     TOKEN_ARRAYS,
     NotAStoreError,
     StoreMeta,
     StoreMismatchError,
-    array_spec,
     check_same_meta,
     marker,
+    open_array,
     open_kvstore,
     read_meta,
 )
+from crossjax.store_integrity import (
+    DamagedStoreError,
+    all_finite,
+    find_damage,
+    non_finite_error,
+    parse_scales,
+    unreadable_error,
+)
 
 __all__ = ["ActivationStore", "StoreMeta", "DTYPES", "NotAStoreError", "StoreMismatchError", "IncompleteStoreError",
-           "UnitDoneError", "resolve_url"]
+           "UnitDoneError", "DamagedStoreError", "resolve_url"]
 
 _INT32 = np.iinfo(np.int32)
 _MAX_NAMED_UNITS = 8  # missing units an IncompleteStoreError names one by one
@@ -65,6 +72,7 @@ class ActivationStore:
         self._kv = kv
         self.url = url
         self.meta = meta
+        self._arrays = dict(arrays)  # activations and TOKEN_ARRAYS
         self._acts = arrays["activations"]
         self._tokens = {n: arrays[n] for n in TOKEN_ARRAYS}
         self._complete = False  # cached once true: finished units are never unmarked except by overwrite
@@ -94,16 +102,7 @@ class ActivationStore:
                     f"{shown} is not empty and holds no activation store (found {foreign[:5]}): "
                     "choose an empty or new location for store.path."
                 )
-        arrays = {}
-        futures = {n: ts.open(array_spec(kv, n, meta), create=True, open=True, context=CONTEXT)
-                   for n in ("activations",) + TOKEN_ARRAYS}
-        for n, fut in futures.items():
-            try:
-                arrays[n] = fut.result()
-            except ValueError as e:
-                raise StoreMismatchError(
-                    f"{shown}/{n} exists with another layout ({e}): use another store.path or delete the old store."
-                ) from e
+        arrays = {n: open_array(kv, shown, n, meta) for n in ("activations",) + TOKEN_ARRAYS}
         if existing is None:
             # meta.json goes last and only if still absent: it marks a finished skeleton, and of two processes
             # racing to create, the loser compares its meta with the winner's.
@@ -123,19 +122,7 @@ class ActivationStore:
                 f"{shown} holds no activation store (no meta.json): check store.path, or write the store first "
                 "(python -m crossjax.activations, or the planted generator)."
             )
-        arrays = {}
-        for n in ("activations",) + TOKEN_ARRAYS:
-            try:
-                arrays[n] = ts.open(array_spec(kv, n, None), open=True, context=CONTEXT).result()
-            except ValueError as e:
-                raise NotAStoreError(f"{shown}/{n} is missing or unreadable ({e}): the store is damaged; delete it and write it again.") from e
-        acts = arrays["activations"]
-        want = (meta.num_rows, meta.num_snapshots, meta.d_model)
-        if tuple(acts.shape) != want or acts.dtype.numpy_dtype != DTYPES[meta.dtype]:
-            raise NotAStoreError(
-                f"{shown}/activations is {tuple(acts.shape)} {acts.dtype} but meta.json says {want} {meta.dtype}: "
-                "the store is damaged; delete it and write it again."
-            )
+        arrays = {n: open_array(kv, shown, n, meta, create=False) for n in ("activations",) + TOKEN_ARRAYS}
         return cls(kv, shown, meta, arrays)
 
     # ---- geometry --------------------------------------------------------------------------------------
@@ -273,8 +260,7 @@ class ActivationStore:
         if len(done) >= self.meta.num_blocks * (self.meta.num_snapshots + 1) and not self._missing_from(done):
             self._complete = True
             return
-        fill = ("crossjax.planted.generate_planted(url, cfg) again" if self.meta.model == "planted"
-                else "python -m crossjax.activations --config=<your config> --workdir=<your workdir>")
+        fill = self._fill_command()
         if not done:
             raise IncompleteStoreError(
                 f"{self.url} is incomplete: it is empty, no unit has been written yet. Fill it with {fill}.")
@@ -295,7 +281,14 @@ class ActivationStore:
                 f"{self.url} is incomplete: {len(missing)} unfinished unit(s){where} ({', '.join(names)}{more}). "
                 f"Fill them with {fill}; it redoes only the missing units.")
 
+    def _fill_command(self) -> str:
+        """What writes this store's missing units."""
+        return ("crossjax.planted.generate_planted(url, cfg) again" if self.meta.model == "planted"
+                else "python -m crossjax.activations --config=<your config> --workdir=<your workdir>")
+
     # ---- reading ---------------------------------------------------------------------------------------
+    # Every read is checked: a chunk that is missing, changed or undecodable, and NaN/Inf values, raise
+    # DamagedStoreError naming the unit (crossjax.store_integrity). The detail is worked out only on failure.
 
     def _check_rows(self, start: int, stop: int) -> None:
         if not (0 <= start < stop <= self.meta.num_rows):
@@ -305,8 +298,14 @@ class ActivationStore:
         """Rows [start, stop) of every snapshot: ``[n, S, D]`` in the storage dtype."""
         self._check_rows(start, stop)
         r = self.meta.block_rows
-        self.require_complete(range(start // r, (stop - 1) // r + 1), tokens=False)
-        return self._acts[start:stop].read().result()
+        blocks = range(start // r, (stop - 1) // r + 1)
+        self.require_complete(blocks, tokens=False)
+        try:
+            x = self._acts[start:stop].read().result()
+        except ValueError as e:
+            raise self._read_failure(blocks, e) from e
+        self._check_finite(x, [(start, stop)])
+        return x
 
     def read_blocks(self, blocks: Sequence[int]) -> np.ndarray:
         """The rows of ``blocks`` in the given order: ``[sum R_b, S, D]``. All reads are issued before any wait."""
@@ -317,19 +316,40 @@ class ActivationStore:
         self.require_complete(blocks, tokens=False)
         futures = [self._acts[a:b].read() for a, b in ranges]
         out = np.empty((sum(b - a for a, b in ranges), self.meta.num_snapshots, self.meta.d_model), DTYPES[self.meta.dtype])
-        pos = 0
-        for (a, b), fut in zip(ranges, futures):
-            out[pos : pos + b - a] = fut.result()
+        pos, failed = 0, []
+        for block, (a, b), fut in zip(blocks, ranges, futures):
+            try:
+                out[pos : pos + b - a] = fut.result()
+            except ValueError as e:
+                failed.append((block, e))
             pos += b - a
+        if failed:
+            raise self._read_failure([b for b, _ in failed], failed[0][1]) from failed[0][1]
+        self._check_finite(out, ranges)
         return out
 
     def read_tokens(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """``{token_ids, context_ids, positions}`` of rows [start, stop), each int32 ``[n]``."""
         self._check_rows(start, stop)
         r = self.meta.block_rows
-        self.require_complete(range(start // r, (stop - 1) // r + 1), activations=False)
+        blocks = range(start // r, (stop - 1) // r + 1)
+        self.require_complete(blocks, activations=False)
         futures = {n: self._tokens[n][start:stop].read() for n in TOKEN_ARRAYS}
-        return {n: f.result() for n, f in futures.items()}
+        try:
+            return {n: f.result() for n, f in futures.items()}
+        except ValueError as e:
+            raise self._read_failure(blocks, e, tokens=True) from e
+
+    def _check_finite(self, x: np.ndarray, ranges: Sequence[tuple[int, int]]) -> None:
+        """DamagedStoreError naming the NaN/Inf rows of ``x [n, S, D]``, read from the store rows ``ranges``."""
+        if not all_finite(x):
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            raise non_finite_error(self.url, self.meta.snapshots, x, rows, self.meta.block_rows, self._fill_command())
+
+    def _read_failure(self, blocks: Iterable[int], error: Exception, tokens: bool = False) -> CrossjaxError:
+        """The error for a failed read of ``blocks``, naming the damaged units when that is the cause."""
+        return (find_damage(self.url, self.meta, self._arrays, blocks, tokens, self._fill_command())
+                or unreadable_error(self.url, f"blocks {list(blocks)}", error))
 
     # ---- normalisation scales --------------------------------------------------------------------------
 
@@ -359,10 +379,7 @@ class ActivationStore:
         if self._scales is None:
             r = self._kv.read("scales.json").result()
             if r.state == "value":
-                d = json.loads(r.value)
-                if list(d.get("snapshots", [])) != list(self.meta.snapshots):
-                    raise CrossjaxError(f"{self.url}/scales.json is for snapshots {d.get('snapshots')}: delete it and set the scales again.")
-                self._scales = np.asarray(d["scales"], np.float32)
+                self._scales = parse_scales(r.value, f"{self.url}/scales.json", self.meta.snapshots)
         return None if self._scales is None else self._scales.copy()
 
     def set_scales(self, scales: Any) -> None:
