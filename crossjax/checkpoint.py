@@ -3,17 +3,34 @@
 A thin layer over orbax's CheckpointManager: async saves (the step loop does not wait for the disk), the last N
 kept, unfinished saves (a process killed mid-write) ignored and cleaned up, restore onto any mesh: the target is a
 pytree of jax.ShapeDtypeStruct carrying the new shardings and orbax reshards while reading.
+
+Resuming (restore_latest) takes the newest checkpoint that restores and holds only finite numbers. A damaged one
+(a file truncated or missing, an emptied step directory: a full disk, a copy cut short) is skipped with a message
+and moved to `<directory>.skipped/<step>`: kept for inspection, never taken as the latest again, and its step can
+be saved anew (orbax refuses to save a step whose directory exists).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from crossjax import console
 from crossjax.errors import CrossjaxError
+
+SKIPPED_SUFFIX = ".skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int                      # the checkpoint the run resumes from
+    state: Any                     # its state pytree, on the target's shardings
 
 
 class Checkpoints:
@@ -30,12 +47,21 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._good: set[int] = set()       # steps known to restore: the one resumed from, those saved and durable
+        self._queued: set[int] = set()     # saved here, maybe not yet durable
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def last_good_step(self) -> int | None:
+        """The newest kept step known to restore: the one restore_latest resumed from or one saved (and made
+        durable) by this object; what restore_latest would pick. Waits for queued saves."""
+        self.wait()
+        good = self._good & set(self._manager.all_steps())
+        return max(good) if good else None
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
         """Queue a save of `state` (a pytree of jax.Arrays) and, if given, the data iterator's position.
@@ -46,6 +72,7 @@ class Checkpoints:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._queued.add(step)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Read step `step` onto the shardings of `abstract_state` (ShapeDtypeStructs); reposition the iterator.
@@ -60,9 +87,65 @@ class Checkpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None, *,
+                       stage: str) -> Restored | None:
+        """The newest checkpoint that restores with finite numbers (None when there is none at all).
+
+        Newer ones that fail are named (through console.say under `stage`) and moved to `<directory>.skipped/`.
+        Raises CrossjaxError, changing nothing, when checkpoints exist but none of them restores.
+        """
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            state, why = self._attempt(step, abstract_state, data_iterator)
+            if why is None:
+                if skipped:
+                    self._set_aside([s for s, _ in skipped], stage)
+                self._good.add(step)
+                return Restored(step=step, state=state)
+            skipped.append((step, why))
+            console.say(stage, f"skipping checkpoint step {step} in {self.directory}: {why}")
+        if not skipped:
+            return None
+        reasons = "\n  ".join(f"step {s}: {why}" for s, why in skipped)
+        raise CrossjaxError(
+            f"none of the checkpoints in {self.directory} restores:\n  {reasons}\nPut back intact copies of those "
+            f"files, or move the directory aside (mv {self.directory} {self.directory}.broken) to train from "
+            "step 0; nothing was changed.")
+
+    def _attempt(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, str | None]:
+        """(state, None) when step `step` restores with finite numbers, else (None, why)."""
+        state, why = None, None
+        try:
+            state = self.restore(step, abstract_state, data_iterator)
+        except Exception as e:  # orbax, tensorstore and json each raise their own types for a damaged file
+            why = f"it does not restore ({_root_cause(e)})"
+        if not _on_every_process(why is None):
+            return None, why or "it does not restore on another process"
+        bad = nonfinite_leaves(state)
+        if bad:
+            return None, f"it holds NaN/Inf in {', '.join(bad[:4])}" + (" ..." if len(bad) > 4 else "")
+        return state, None
+
+    def _set_aside(self, steps: list[int], stage: str) -> None:
+        """Move the step directories out of the manager's view (process 0), so none is the latest again."""
+        aside = self.directory + SKIPPED_SUFFIX
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                dest = _unused_path(os.path.join(aside, str(step)))
+                os.rename(os.path.join(self.directory, str(step)), dest)
+                console.say(stage, f"moved the skipped checkpoint step {step} to {dest} (kept for inspection; "
+                            "the run no longer reads it)")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("crossjax checkpoints set aside")
+        self._manager.reload()
+
     def wait(self) -> None:
         """Block until every queued save is durable."""
         self._manager.wait_until_finished()
+        self._good |= self._queued
+        self._queued.clear()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
@@ -72,3 +155,41 @@ class Checkpoints:
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs with the shapes/dtypes of `tree` and the given shardings (a restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Dotted key paths of the floating-point leaves of `tree` that hold a NaN or an Inf (one jitted reduction
+    per leaf, all in one call)."""
+    named = [(jax.tree_util.keystr(path, simple=True, separator="."), x)
+             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not named:
+        return []
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in named]))
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: first line` of the innermost cause (tensorstore wraps the useful message in a long one)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _on_every_process(ok: bool) -> bool:
+    """`ok` on every JAX process (so that all processes skip the same checkpoints)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _unused_path(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate

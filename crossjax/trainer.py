@@ -7,7 +7,8 @@ what is measured after training: the pipeline (crossjax/pipeline.py) makes the s
 Everything here works from a config, a store and a workdir, so a user holding activations can call it directly.
 
 Step numbers count finished updates: checkpoint `t` holds the state after t updates, and the metrics logged at
-step t are those of the t-th update. A run resumes from its latest checkpoint (state and loader position).
+step t are those of the t-th update. A run resumes from its newest checkpoint that restores with finite numbers
+(state and loader position); damaged newer ones are skipped and set aside (crossjax/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def make_train_step(cc_cfg, tx, config: ConfigDict, steps: int, shardings: dict)
 
 def train(config: ConfigDict, workdir: str, source: TrainData, *, evaluate: Callable[[dict], dict] | None = None,
           callbacks: Sequence[Callable[[StepEvent], bool | None]] = (), stop_after: int | None = None) -> TrainResult:
-    """Train (resuming from the latest checkpoint in workdir/checkpoints) and return the final state.
+    """Train (resuming from the newest good checkpoint in workdir/checkpoints) and return the final state.
 
     evaluate(params) -> dict of metrics: called every train.eval_every steps (logged as kind "eval").
     callbacks: called after every step with a StepEvent; one returning True ends the run there, with a
@@ -200,9 +201,10 @@ def train(config: ConfigDict, workdir: str, source: TrainData, *, evaluate: Call
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
                                        async_save=bool(t.async_checkpointing))
     try:
-        start = checkpoints.latest_step()
-        if start is not None:  # resume: the state and the data position of the latest checkpoint
-            state = checkpoints.restore(start, ckpt_lib.abstract_like(abstract, shard["state"]), batches)
+        # resume: the state and the data position of the newest checkpoint that restores with finite numbers
+        restored = checkpoints.restore_latest(ckpt_lib.abstract_like(abstract, shard["state"]), batches, stage=STAGE)
+        if restored is not None:
+            start, state = restored.step, restored.state
             console.say(STAGE, f"resuming from checkpoint step {start} of {steps} in {checkpoints.directory}")
         else:
             start = 0
@@ -302,8 +304,7 @@ class _Loop:
     def _check_finite(self, state) -> None:
         bad = int(jax.device_get(state["bad_step"]))
         if bad >= 0:
-            self.checkpoints.wait()
-            last = self.checkpoints.latest_step()
+            last = self.checkpoints.last_good_step()
             where = (f"the last good checkpoint is step {last} in {self.checkpoints.directory}" if last is not None
                      else "no checkpoint had been written yet")
             raise CrossjaxError(
