@@ -26,6 +26,7 @@ backward decoder matmuls to float32: it has no bf16 kernel for those batched lay
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -381,26 +382,47 @@ def export_params(params: Params, scales, cfg: CrosscoderConfig, out_dir: str) -
     return out_dir
 
 
-def load_exported(path: str) -> tuple[dict[str, np.ndarray], np.ndarray, CrosscoderConfig]:
-    """(params as float32 numpy arrays, scales [S] float32, cfg) from a directory written by export_params."""
-    from safetensors.numpy import load_file
+def load_exported(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray, CrosscoderConfig]:
+    """(params as float32 numpy arrays, scales [S] float32, cfg) from a directory written by export_params.
+    Anything else (a malformed config.json, damaged or mismatched weights) is a CrossjaxError naming the file."""
+    from crossjax import safetensors_file
 
+    path = os.fspath(path)
     wpath, cpath = os.path.join(path, EXPORT_WEIGHTS), os.path.join(path, EXPORT_CONFIG)
     for p in (wpath, cpath):
         if not os.path.isfile(p):
             raise CrossjaxError(f"{p} not found: {path} is not a crosscoder export (write one with export_params)")
+    fix = ("export it again: rerun the training command with the same --config and --workdir (a finished run "
+           "exports its last checkpoint again)")
     try:
         with open(cpath) as fh:
             meta = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CrossjaxError(f"{cpath} is not valid JSON ({e}); re-export the crosscoder") from None
-    if meta.get("format") != EXPORT_FORMAT or "crosscoder" not in meta or "scales" not in meta:
-        raise CrossjaxError(f"{cpath} is not a {EXPORT_FORMAT} config; re-export the crosscoder")
-    cfg = CrosscoderConfig.from_dict(meta["crosscoder"])
-    params = {k: np.asarray(v, np.float32) for k, v in load_file(wpath).items()}
-    _check_params(params, cfg)
-    scales = np.asarray(meta["scales"], np.float32)
-    if scales.shape != (cfg.num_snapshots,):
-        raise CrossjaxError(f"{cpath} holds {scales.shape[0]} scales for {cfg.num_snapshots} snapshots; "
-                            "re-export the crosscoder")
-    return {k: params[k] for k in PARAM_NAMES}, scales, cfg
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CrossjaxError(f"{cpath} is not valid JSON ({e}); {fix}") from None
+    if not (isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT and meta.get("version") == 1
+            and isinstance(meta.get("crosscoder"), dict)):
+        raise CrossjaxError(f"{cpath} is not a version-1 {EXPORT_FORMAT} config (a JSON object with format, version, "
+                            f"a crosscoder section and scales); {fix}")
+    required = [f.name for f in dataclasses.fields(CrosscoderConfig) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in meta["crosscoder"]]
+    if missing:
+        raise CrossjaxError(f"{cpath}: the crosscoder section lacks {missing}; {fix}")
+    try:
+        cfg = CrosscoderConfig.from_dict(meta["crosscoder"])
+    except CrossjaxError as e:
+        raise CrossjaxError(f"{cpath}: {e}; {fix}") from None
+    raw = meta.get("scales")
+    if not (isinstance(raw, list) and len(raw) == cfg.num_snapshots
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in raw)):
+        raise CrossjaxError(f"{cpath} has scales {raw!r}; they must be {cfg.num_snapshots} finite numbers > 0, one "
+                            f"per snapshot; {fix}")
+    tensors = safetensors_file.read_tensors(wpath, fix=fix)
+    shapes, got = param_shapes(cfg), {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != shapes:
+        raise CrossjaxError(f"{wpath} holds tensors {got}, but {cpath} describes {shapes}; {fix}")
+    params = {k: np.asarray(tensors[k], np.float32) for k in PARAM_NAMES}
+    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    if bad:
+        raise CrossjaxError(f"{wpath} holds non-finite values in {bad}; {fix}")
+    return params, np.asarray(raw, np.float32), cfg

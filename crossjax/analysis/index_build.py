@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,50 @@ class Scan(NamedTuple):
     store: ActivationStore
 
 
+# What a saved index holds: settings (feature_index.json) and arrays of these shapes (F features, S snapshots,
+# k = top_k; the two window arrays share one length).
+_INFO_TYPES = {"snapshots": list, "num_features": int, "rows_scanned": int, "top_k": int, "window": int,
+               "batch_rows": int, "emergence_threshold": (int, float), "export_dir": str, "export_sha256": str,
+               "store_url": str, "store_meta_sha256": str}
+TOP_ARRAYS = ("top_value", "top_row", "top_context", "top_position", "top_token")
+
+
+def array_shapes(info: dict) -> dict[str, tuple[int, ...]]:
+    f, s, k = info["num_features"], len(info["snapshots"]), info["top_k"]
+    return {"count": (f,), "act_sum": (f,), "count_per_snapshot": (s, f), **{n: (f, k) for n in TOP_ARRAYS},
+            "norms": (s, f), "consecutive_cosine": (max(s - 1, 0), f), "cosine_to_final": (s, f)}
+
+
+def check_index(arrays: dict[str, np.ndarray], info, where: str) -> None:
+    """A loaded index must be what `scan` writes; CrossjaxError naming `where` and the fix otherwise."""
+    fix = "rebuild the index: FeatureIndex.build(...).save(path)"
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or info.get("version") != INDEX_VERSION:
+        raise CrossjaxError(f"{where}: the settings are not a version-{INDEX_VERSION} {INDEX_FORMAT}; {fix}.")
+    bad = [k for k, t in _INFO_TYPES.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]
+    if bad or not all(isinstance(n, str) for n in info["snapshots"]) or info["num_features"] < 1 or info["top_k"] < 1:
+        raise CrossjaxError(f"{where}: the settings {bad or ['snapshots', 'num_features', 'top_k']} are missing or "
+                            f"malformed; {fix}.")
+    columns, context_len = info.get("store_columns"), info.get("context_len")
+    if not (columns is None or (isinstance(columns, list) and len(columns) == len(info["snapshots"])
+                                and all(isinstance(c, int) and c >= 0 for c in columns))) \
+            or not (context_len is None or isinstance(context_len, int)):
+        raise CrossjaxError(f"{where}: the settings store_columns={columns!r} or context_len={context_len!r} are "
+                            f"malformed; {fix}.")
+    want = array_shapes(info)
+
+    def fits(n, shape):
+        return n in arrays and tuple(arrays[n].shape) == shape and np.issubdtype(arrays[n].dtype, np.number)
+
+    wrong = {n: (f"{arrays[n].dtype} {tuple(arrays[n].shape)}" if n in arrays else None, shape)
+             for n, shape in want.items() if not fits(n, shape)}
+    windows = [arrays.get(n) for n in ("window_keys", "window_tokens")]
+    if any(w is None or w.ndim != 1 or not np.issubdtype(w.dtype, np.integer) for w in windows) \
+            or len(windows[0]) != len(windows[1]):
+        wrong["window_keys/window_tokens"] = ("missing or of different lengths", "two arrays [W]")
+    if wrong:
+        raise CrossjaxError(f"{where}: arrays (found, expected) {wrong} do not match the settings; {fix}.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Locating the export and the store
 
@@ -60,6 +103,9 @@ class TrainedOn(NamedTuple):
 def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
     """(export dir, what the workdir's summary.json says it was trained on, or None) from an export dir or a
     training workdir."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CrossjaxError(f"the crosscoder to index is given as {type(path).__name__}; pass the path of a training "
+                            "workdir or of an export directory.")
     p = Path(path)
     if not p.exists():
         raise CrossjaxError(f"{p} does not exist: pass a training workdir (holding export/) or a crosscoder export "
@@ -75,25 +121,36 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
                             "(python -m crossjax.train) or point at the export directory.")
     if not summary_file.is_file():
         return export, None
-    trained_on, summary_export = _read_summary(summary_file)
+    summary = RunSummary.read(summary_file)
+    for name in ("workdir", "store", "export"):
+        if not isinstance(getattr(summary, name), str):
+            raise CrossjaxError(f"{summary_file}: {name} is {getattr(summary, name)!r}, not a path; rerun the same "
+                                "training command to rewrite it")
+    snapshots = summary.snapshots
+    if not (isinstance(snapshots, list) and all(isinstance(n, str) for n in snapshots)):
+        raise CrossjaxError(f"{summary_file}: snapshots is {snapshots!r}, not a list of names; rerun the same "
+                            "training command to rewrite it")
+    # summary.json records absolute paths of the workdir the run finished in; the workdir may have moved since
+    workdir = summary_file.parent
+    export_here = _same_place(summary.export, summary.workdir, workdir) or summary.export
     # an unrelated summary.json beside an export dir is not this export's
-    if summary_export and Path(summary_export).resolve() != export.resolve():
+    if summary.export and Path(export_here).resolve() != export.resolve():
         return export, None
-    return export, trained_on
+    store = summary.store
+    if store and "://" not in store and not os.path.exists(store):  # gone: look inside the workdir as it is now
+        store = _same_place(store, summary.workdir, workdir) or store
+    return export, TrainedOn(store, list(snapshots))
 
 
-def _read_summary(path: Path) -> tuple[TrainedOn, str]:
-    """(what the run trained on, its export dir) from a summary.json."""
+def _same_place(recorded: str, recorded_workdir: str, workdir: Path) -> str | None:
+    """The place inside `workdir` that the local path `recorded` had inside the workdir the run finished in;
+    None for a URL or a path outside that workdir."""
+    if not recorded or not recorded_workdir or "://" in recorded:
+        return None
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CrossjaxError(f"{path} is not valid JSON ({e}); rerun training to rewrite it.") from e
-    if isinstance(raw, dict) and "version" not in raw:
-        # Version 1 (no "version" field), written by trainers before crossjax.summary. Drop this branch once
-        # no such workdirs are about: RunSummary.read refuses them with the fix.
-        return TrainedOn(raw.get("store") or "", raw.get("snapshots")), raw.get("export") or ""
-    summary = RunSummary.read(path)
-    return TrainedOn(summary.store, list(summary.snapshots)), summary.export
+        return str(workdir / Path(recorded).relative_to(recorded_workdir))
+    except ValueError:
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -126,6 +183,22 @@ def read_columns(store: ActivationStore, start: int, stop: int, columns: list[in
     """Rows [start, stop) of the snapshots the crosscoder was trained on: [n, S, D] storage dtype."""
     acts = store.read_rows(start, stop)
     return acts if columns is None else acts[:, columns]
+
+
+def integer_arg(where: str, name: str, value, *, low: int, none_ok: bool = False) -> int:
+    """`value` as an int >= low; CrossjaxError naming the argument otherwise (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        what = f"an integer >= {low}" + (" or None" if none_ok else "")
+        raise CrossjaxError(f"{where}: {name}={value!r} must be {what}.")
+    return int(value)
+
+
+def number_arg(where: str, name: str, value, *, low: float, high: float) -> float:
+    """`value` as a finite float in [low, high]; CrossjaxError naming the argument otherwise."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not low <= float(value) <= high):
+        raise CrossjaxError(f"{where}: {name}={value!r} must be a number in [{low:g}, {high:g}].")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,19 +280,25 @@ def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool
 def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max_rows: int | None, top_k: int,
          batch_rows: int, window: int, emergence_threshold: float, progress: bool) -> Scan:
     """The arrays and settings of a FeatureIndex (arguments: FeatureIndex.build)."""
-    for name, value in (("top_k", top_k), ("batch_rows", batch_rows)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise CrossjaxError(f"FeatureIndex.build: {name}={value!r} must be a positive integer.")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-        raise CrossjaxError(f"FeatureIndex.build: window={window!r} must be an integer >= 0.")
-    if max_rows is not None and (not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
-        raise CrossjaxError(f"FeatureIndex.build: max_rows={max_rows!r} must be a positive integer or None.")
+    where = "FeatureIndex.build"
+    top_k, batch_rows = (integer_arg(where, n, v, low=1) for n, v in (("top_k", top_k), ("batch_rows", batch_rows)))
+    window = integer_arg(where, "window", window, low=0)
+    max_rows = None if max_rows is None else integer_arg(where, "max_rows", max_rows, low=1, none_ok=True)
+    emergence_threshold = number_arg(where, "emergence_threshold", emergence_threshold, low=0.0, high=1.0)
+    if store_url is not None and not isinstance(store_url, (str, os.PathLike)):
+        raise CrossjaxError(f"{where}: store_url={store_url!r} must be the store's path or URL (a string), or None "
+                            "to take it from the run's summary.json.")
     export, trained_on = resolve_export(export_dir_or_workdir)
     if store_url is None:
         if trained_on is None or not trained_on.store:
             raise CrossjaxError(f"no store_url given and no summary.json naming the store beside {export}: "
                                 "pass store_url (the activation store the crosscoder was trained on).")
         store_url = trained_on.store
+        if "://" not in store_url and not os.path.exists(store_url):
+            raise CrossjaxError(f"the run's summary.json names the store {store_url}, which does not exist (was it "
+                                "moved?): pass store_url= its location (the activation store the crosscoder was "
+                                "trained on).")
+    store_url = os.fspath(store_url)
     params_np, scales, cfg = crosscoder.load_exported(str(export))
     store = ActivationStore.open(store_url)
     columns = _trained_columns(cfg, export, store, trained_on.snapshots if trained_on else None)

@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,6 @@ import numpy as np
 from crossjax import crosscoder
 from crossjax.analysis import evolution
 from crossjax.analysis import index_build
-from crossjax.analysis.index_build import INDEX_FORMAT, INDEX_VERSION
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write, atomic_write_text
 from crossjax.snapshot_names import index_of
@@ -96,6 +97,14 @@ class FeatureReport:
 # The index
 
 
+def _path_arg(where: str, path, *, url: bool = False):
+    """A path argument (a string or os.PathLike; with `url`, the string itself: store URLs are not paths)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CrossjaxError(f"{where}: {path!r} is not a path; pass a directory{' or URL' if url else ''} as a "
+                            "string.")
+    return os.fspath(path) if url else Path(path)
+
+
 def _decode(tokenizer, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids if i != _NO_TOKEN]
     if not ids:
@@ -154,7 +163,7 @@ class FeatureIndex:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path."""
-        p = Path(path)
+        p = _path_arg("FeatureIndex.save", path)
         if p.exists() and not p.is_dir():
             raise CrossjaxError(f"{p} is a file: FeatureIndex.save writes a directory; choose another path.")
         p.mkdir(parents=True, exist_ok=True)
@@ -170,7 +179,7 @@ class FeatureIndex:
     def load(cls, path: str | os.PathLike) -> FeatureIndex:
         """An index written by :meth:`save`. The export and store it was built from are opened only when needed
         (:meth:`features_for_row`, wider windows); :meth:`attach` points it at moved copies."""
-        p = Path(path)
+        p = _path_arg("FeatureIndex.load", path)
         files = [p / INDEX_ARRAYS, p / INDEX_META]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -178,12 +187,16 @@ class FeatureIndex:
                                 "FeatureIndex.build(...).save(path)).")
         try:
             info = json.loads(files[1].read_text())
-        except json.JSONDecodeError as e:
-            raise CrossjaxError(f"{files[1]} is not valid JSON ({e}); rebuild the index.") from e
-        if info.get("format") != INDEX_FORMAT or info.get("version") != INDEX_VERSION:
-            raise CrossjaxError(f"{files[1]} is not a version-{INDEX_VERSION} {INDEX_FORMAT}; rebuild the index.")
-        with np.load(files[0], allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CrossjaxError(f"{files[1]} is not valid JSON ({e}); rebuild the index: "
+                                "FeatureIndex.build(...).save(path).") from None
+        try:
+            with np.load(files[0], allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+            raise CrossjaxError(f"{files[0]} is damaged ({type(e).__name__}: {e}); rebuild the index: "
+                                "FeatureIndex.build(...).save(path).") from None
+        index_build.check_index(arrays, info, str(p))
         return cls(arrays, info)
 
     def attach(self, export_dir: str | os.PathLike | None = None, store_url: str | None = None) -> None:
@@ -198,7 +211,7 @@ class FeatureIndex:
             self.info["export_dir"] = str(export.resolve())
             self._export = None
         if store_url is not None:
-            store = ActivationStore.open(store_url)
+            store = ActivationStore.open(_path_arg("attach", store_url, url=True))
             if hashlib.sha256(store.meta.to_json()).hexdigest() != self.info["store_meta_sha256"]:
                 raise CrossjaxError(f"the store {store.url} is not the one this index was built from "
                                     f"({self.info['store_url']}; its meta.json differs): pass that store.")
@@ -284,13 +297,13 @@ class FeatureIndex:
         when given, the activating token between ``marks``. A window wider than the index's built one reads the
         store's token arrays once for this feature."""
         i = self._check_feature(i)
-        k = self.top_k if k is None else int(k)
-        if not 0 < k <= self.top_k:
+        k = self.top_k if k is None else index_build.integer_arg("top_examples", "k", k, low=1)
+        if k > self.top_k:
             raise CrossjaxError(f"k={k}: the index keeps the top {self.top_k} rows per feature; "
                                 f"ask for 1..{self.top_k} or rebuild with a larger top_k.")
-        window = self.window if window is None else int(window)
-        if window < 0:
-            raise CrossjaxError(f"window={window} must be >= 0.")
+        window = self.window if window is None else index_build.integer_arg("top_examples", "window", window, low=0)
+        if not (isinstance(marks, (tuple, list)) and len(marks) == 2 and all(isinstance(m, str) for m in marks)):
+            raise CrossjaxError(f"top_examples: marks={marks!r} must be two strings (before, after).")
         rows = self._a["top_row"][i, :k]
         n = int(np.sum(rows >= 0))
         ctx, pos = self._a["top_context"][i, :n], self._a["top_position"][i, :n]
@@ -301,6 +314,9 @@ class FeatureIndex:
             self._wtokens = np.concatenate([self._wtokens, toks])[first]
             self._window_of[i] = window
         tok = open_tokenizer(tokenizer)
+        if tok is not None and not callable(getattr(tok, "decode", None)):
+            raise CrossjaxError(f"tokenizer={tokenizer!r} cannot decode: pass a tokenizers.Tokenizer, a "
+                                "tokenizer.json path or a snapshot directory holding one.")
         t_len = self.info.get("context_len")
         out = []
         for j in range(n):
@@ -332,6 +348,8 @@ class FeatureIndex:
                max_frequency: float = 1.0) -> np.ndarray:
         """Feature ids (ascending) matching every filter given: emergence snapshot (name or index), kind (one of
         evolution.KINDS), activation frequency within [min_frequency, max_frequency]."""
+        min_frequency, max_frequency = (index_build.number_arg("search", n, v, low=0.0, high=1.0) for n, v in
+                                        (("min_frequency", min_frequency), ("max_frequency", max_frequency)))
         keep = (self.frequency >= min_frequency) & (self.frequency <= max_frequency)
         if emerged_at is not None:
             keep &= self.emergence == index_of(emerged_at, self.snapshots, where="this index")
@@ -343,6 +361,7 @@ class FeatureIndex:
 
     def features_for_row(self, row: int, k: int = 10) -> list[tuple[int, float]]:
         """The (feature, activation) pairs active on store row ``row``, largest first, at most ``k``."""
+        k = index_build.integer_arg("features_for_row", "k", k, low=1)
         store = self._get_store()
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < store.meta.num_rows:
             raise CrossjaxError(f"row {row!r} is out of range: the store has rows 0..{store.meta.num_rows - 1}.")

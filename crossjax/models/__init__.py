@@ -13,15 +13,17 @@ from crossjax.models.gpt_neox import (
 from crossjax.models.load import (
     LoadedSnapshot,
     check_snapshots_consistent,
+    inspect_snapshot,
     load_snapshot,
-    resolve_snapshot,
     save_hf_snapshot,
 )
+from crossjax.models.snapshot_files import resolve_snapshot, weights_hash
 from crossjax.models.runner import Runner
 
 __all__ = [
     "GPTNeoX", "NeoXConfig", "abstract_model", "count_params", "hf_param_names",
     "lm_loss", "parse_hook", "validate_context_len", "validate_hook",
-    "LoadedSnapshot", "check_snapshots_consistent", "load_snapshot", "resolve_snapshot", "save_hf_snapshot",
+    "LoadedSnapshot", "check_snapshots_consistent", "inspect_snapshot", "load_snapshot", "resolve_snapshot",
+    "save_hf_snapshot", "weights_hash",
     "Runner",
 ]

@@ -1,8 +1,9 @@
-"""Hugging Face GPT-NeoX snapshots (local directory or Hub repo@revision) <-> crossjax GPTNeoX.
+"""crossjax GPTNeoX <-> Hugging Face GPT-NeoX snapshot files, and the checks a set of snapshots must pass.
 
-Loading reads one tensor at a time (safetensors, sharded safetensors, or pytorch_model.bin when torch is
-installed), hashes its stored bytes, converts it to the flax layout and places it straight onto its device
-sharding, so a model is never held twice in host memory.
+Loading reads one tensor at a time (models/snapshot_files.py finds and reads the files), hashes its stored bytes,
+converts it to the flax layout and places it straight onto its device sharding, so a model is never held twice in
+host memory. `inspect_snapshot` gives the same description (config, content hash, tokenizer) without a model.
+Saving writes config.json + model.safetensors that transformers' from_pretrained reads.
 """
 from __future__ import annotations
 
@@ -25,17 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write, atomic_write_text
 from crossjax.models.gpt_neox import GPTNeoX, NeoXConfig, abstract_model, hf_param_names
+from crossjax.models.snapshot_files import (
+    SAFE_SINGLE, TOKENIZER_FILES, TensorReader, canonical_names, hash_tensor, read_config, resolve_snapshot,
+    tokenizer_path, weights_hash)
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt")
-# Buffers older transformers versions saved beside the weights; they are recomputed, never loaded.
-_IGNORED = re.compile(r"(\.attention\.(bias|masked_bias)$)|(rotary_emb\.inv_freq$)")
-# transformers 5 names the unembedding lm_head in memory; checkpoints (and save_pretrained) use embed_out.
-_ALIASES = {"lm_head.weight": "embed_out.weight"}
 # A matrix smaller than this is replicated: splitting it saves little memory and costs communication.
 _MIN_SHARD_ELEMENTS = 1 << 16
 
@@ -45,181 +39,11 @@ class LoadedSnapshot:
     """A loaded checkpoint. content_hash: sha256 over its tensors' stored bytes in canonical (sorted name) order."""
 
     config: NeoXConfig
-    model: GPTNeoX
+    model: GPTNeoX | None  # None from inspect_snapshot
     content_hash: str
     path: Path
     tokenizer_path: Path | None = None
     name: str = ""
-
-
-# ------------------------------------------------------------------------------------------------- resolving
-def _weights_present(d: Path) -> bool:
-    return any((d / f).is_file() for f in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
-
-
-def _check_local_dir(d: Path) -> Path:
-    if not d.is_dir():
-        raise CrossjaxError(f"snapshot path {str(d)!r} is not a directory; pass a directory holding config.json "
-                            "and model.safetensors.")
-    if not (d / "config.json").is_file():
-        raise CrossjaxError(f"snapshot directory {str(d)!r} has no config.json; pass the directory that "
-                            "save_pretrained / save_hf_snapshot wrote.")
-    if not _weights_present(d):
-        raise CrossjaxError(f"snapshot directory {str(d)!r} has no weights ({SAFE_SINGLE}, {SAFE_INDEX}, "
-                            f"{BIN_SINGLE} or {BIN_INDEX}); the checkpoint is incomplete.")
-    return d
-
-
-def _looks_like_repo_id(spec: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", spec) is not None and not spec.startswith(".")
-
-
-def _hub_download(repo: str, revision: str | None, cache_dir: str | None) -> Path:
-    try:
-        import huggingface_hub as hf
-        from huggingface_hub import errors as hf_errors
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
-        raise CrossjaxError("huggingface_hub is not installed; install it or pass a local directory.") from e
-    where = f"{repo}@{revision or 'main'}"
-    safe_patterns = ["config.json", "*.safetensors", SAFE_INDEX, *TOKENIZER_FILES]
-    bin_patterns = ["config.json", "pytorch_model*.bin", BIN_INDEX, *TOKENIZER_FILES]
-
-    def fetch(patterns, local_only):
-        return Path(hf.snapshot_download(repo, revision=revision, cache_dir=cache_dir or None,
-                                         allow_patterns=patterns, local_files_only=local_only))
-
-    try:
-        try:  # the cache first: no network needed for snapshots downloaded before
-            path = fetch(safe_patterns, True)
-            if not _weights_present(path):
-                path = fetch(bin_patterns, True)
-        except hf_errors.LocalEntryNotFoundError:
-            path = fetch(safe_patterns, False)
-            if not _weights_present(path):
-                path = fetch(bin_patterns, False)
-    except hf_errors.RevisionNotFoundError as e:
-        raise CrossjaxError(f"revision {revision!r} does not exist in Hub repo {repo!r}; check the snapshot name "
-                            "(Pythia revisions are step0, step1, ..., step143000).") from e
-    except hf_errors.RepositoryNotFoundError as e:
-        raise CrossjaxError(f"Hub repo {repo!r} was not found (or needs a token); check the name, e.g. "
-                            "EleutherAI/pythia-160m, or pass a local directory.") from e
-    except (hf_errors.LocalEntryNotFoundError, OSError) as e:
-        raise CrossjaxError(
-            f"cannot get {where}: the Hugging Face Hub is unreachable (offline or no network) and the snapshot is "
-            f"not in the cache{f' {cache_dir!r}' if cache_dir else ''} (and no local directory {repo!r} exists). "
-            f"Pass a local directory with config.json and model.safetensors instead. ({type(e).__name__}: {e})"
-        ) from e
-    if not (path / "config.json").is_file() or not _weights_present(path):
-        raise CrossjaxError(f"Hub snapshot {where} has no config.json or no weights; it is not a GPT-NeoX "
-                            "checkpoint crossjax can load.")
-    return path
-
-
-def resolve_snapshot(spec: str | os.PathLike, revision: str | None = None, *,
-                     cache_dir: str | os.PathLike | None = None) -> Path:
-    """A snapshot spec -> local directory with config.json and weights.
-
-    spec is a local directory (a `{snapshot}` placeholder in it is filled with `revision`) or a Hub repo name
-    (`owner/name`, downloaded at `revision` into the Hugging Face cache, which is read first).
-    """
-    spec = os.fspath(spec)
-    if "{snapshot}" in spec:
-        if revision is None:
-            raise CrossjaxError(f"path template {spec!r} needs a snapshot name: pass revision=<snapshot>.")
-        spec = spec.replace("{snapshot}", str(revision))
-        revision = None
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise CrossjaxError(f"snapshot directory {spec!r} does not exist; check model.path_template and the "
-                                "snapshot names.")
-    p = Path(spec).expanduser()
-    if p.exists():
-        if revision is not None:
-            raise CrossjaxError(f"{spec!r} is a local directory, which has no revisions (got revision "
-                                f"{revision!r}); put {{snapshot}} in the path instead, or pass revision=None.")
-        return _check_local_dir(p)
-    if _looks_like_repo_id(spec):
-        return _hub_download(spec, revision, os.fspath(cache_dir) if cache_dir else None)
-    raise CrossjaxError(f"snapshot directory {spec!r} does not exist (and it is not a Hub repo name "
-                        "'owner/name'); check the path.")
-
-
-# ------------------------------------------------------------------------------------------------- reading
-class _TensorReader:
-    """Tensor-by-tensor access to a checkpoint directory's weights (numpy arrays in their stored dtype)."""
-
-    def __init__(self, path: Path):
-        self._files: dict[str, Any] = {}
-        self._where: dict[str, str] = {}
-        self._torch_sd: dict[str, Any] | None = None
-        if (path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file():
-            from safetensors import safe_open
-            if (path / SAFE_INDEX).is_file():
-                weight_map = json.loads((path / SAFE_INDEX).read_text())["weight_map"]
-            else:
-                weight_map = None
-            files = sorted(set(weight_map.values())) if weight_map else [SAFE_SINGLE]
-            for f in files:
-                if not (path / f).is_file():
-                    raise CrossjaxError(f"{path / SAFE_INDEX} names shard {f} but it is missing; the download is "
-                                        "incomplete: fetch the snapshot again.")
-                handle = safe_open(str(path / f), framework="numpy")
-                self._files[f] = handle
-                for k in handle.keys():
-                    self._where[k] = f
-        else:
-            self._load_torch(path)
-
-    def _load_torch(self, path: Path):
-        try:
-            import torch
-        except ImportError as e:
-            raise CrossjaxError(f"{path} holds only pytorch_model.bin weights, which need torch to read; install "
-                                "torch (CPU build is enough) or convert the checkpoint to safetensors.") from e
-        files = ([BIN_SINGLE] if (path / BIN_SINGLE).is_file()
-                 else sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values())))
-        self._torch_sd = {}
-        for f in files:
-            # mmap keeps only the tensor being converted resident.
-            sd = torch.load(str(path / f), map_location="cpu", weights_only=True, mmap=True)
-            self._torch_sd.update(sd)
-            self._where.update({k: f for k in sd})
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> np.ndarray:
-        if self._torch_sd is not None:
-            t = self._torch_sd[name]
-            import torch
-            if t.dtype == torch.bfloat16:
-                return t.view(torch.int16).numpy().view(jnp.bfloat16)
-            return t.numpy()
-        return self._files[self._where[name]].get_tensor(name)
-
-
-def _canonical_names(reader: _TensorReader, cfg: NeoXConfig, path: Path) -> dict[str, str]:
-    """canonical HF name -> name in the file, after dropping recomputed buffers; checks the set of tensors."""
-    canon: dict[str, str] = {}
-    for n in reader.names():
-        c = _ALIASES.get(n, n)
-        if _IGNORED.search(c):
-            continue
-        if cfg.tie_word_embeddings and c == "embed_out.weight":
-            continue
-        canon[c] = n
-    expected = {hf for _, hf, _ in hf_param_names(cfg)}
-    missing, extra = sorted(expected - canon.keys()), sorted(canon.keys() - expected)
-    if missing or extra:
-        raise CrossjaxError(f"weights in {path} do not match its config.json (GPT-NeoX with {cfg.num_layers} layers): "
-                            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                            f"{extra[:5]}{'...' if len(extra) > 5 else ''}. The checkpoint is corrupt or not GPT-NeoX.")
-    return canon
-
-
-def _hash_tensor(h, name: str, arr: np.ndarray) -> None:
-    h.update(f"{name}|{arr.dtype.name}|{','.join(map(str, arr.shape))}|".encode())
-    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
 
 # ------------------------------------------------------------------------------------------------- sharding
@@ -266,18 +90,6 @@ def _place(arr: np.ndarray, hf_name: str, mesh: Mesh | None, rules) -> jax.Array
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _read_config(path: Path) -> NeoXConfig:
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CrossjaxError(f"{path / 'config.json'} is not valid JSON ({e}); the snapshot is corrupt.") from e
-    return NeoXConfig.from_hf_dict(d)
-
-
-def _tokenizer_dir(path: Path) -> Path | None:
-    return path if any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
-
-
 def load_snapshot(spec: str | os.PathLike, revision: str | None = None, *, dtype=jnp.float32,
                   mesh: Mesh | None = None, sharding_rules: Sequence[tuple[str, PartitionSpec | None]] | None = None,
                   cache_dir: str | os.PathLike | None = None) -> LoadedSnapshot:
@@ -288,7 +100,7 @@ def load_snapshot(spec: str | os.PathLike, revision: str | None = None, *, dtype
     axes. Parameters are placed with Auto axis types (on the same devices and names) even if `mesh` is Explicit.
     """
     path = resolve_snapshot(spec, revision, cache_dir=cache_dir)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
         # The model's ops carry no sharding annotations (XLA propagates them), which Explicit axes forbid:
         # place the weights on the same devices and axis names with Auto axis types.
@@ -298,13 +110,13 @@ def load_snapshot(spec: str | os.PathLike, revision: str | None = None, *, dtype
     graphdef, abs_state = nnx.split(model)
     flat = dict(nnx.to_flat_state(abs_state))
 
-    reader = _TensorReader(path)
-    canon = _canonical_names(reader, cfg, path)
+    reader = TensorReader(path)
+    canon = canonical_names(reader.names(), cfg, path)
     targets = {hf: (fpath, transpose) for fpath, hf, transpose in hf_param_names(cfg)}
     h = hashlib.sha256()
     for hf_name in sorted(canon):
         stored = reader.get(canon[hf_name])
-        _hash_tensor(h, hf_name, stored)
+        hash_tensor(h, hf_name, stored)
         fpath, transpose = targets[hf_name]
         want = flat[fpath].get_value().shape
         arr = stored.T if transpose else stored
@@ -317,7 +129,17 @@ def load_snapshot(spec: str | os.PathLike, revision: str | None = None, *, dtype
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     name = str(spec) if revision is None else f"{spec}@{revision}"
     return LoadedSnapshot(config=cfg, model=model, content_hash=h.hexdigest(), path=path,
-                          tokenizer_path=_tokenizer_dir(path), name=name)
+                          tokenizer_path=tokenizer_path(path), name=name)
+
+
+def inspect_snapshot(spec: str | os.PathLike, revision: str | None = None, *,
+                     cache_dir: str | os.PathLike | None = None) -> LoadedSnapshot:
+    """What load_snapshot says about a snapshot (config, content hash, tokenizer, name) with model=None: the
+    weights are only streamed through the hash, so checking many snapshots costs no model in memory."""
+    path = resolve_snapshot(spec, revision, cache_dir=cache_dir)
+    name = str(spec) if revision is None else f"{spec}@{revision}"
+    return LoadedSnapshot(config=read_config(path), model=None, content_hash=weights_hash(path), path=path,
+                          tokenizer_path=tokenizer_path(path), name=name)
 
 
 # ------------------------------------------------------------------------------------------------- saving

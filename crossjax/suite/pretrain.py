@@ -12,7 +12,8 @@
       losses.json                per snapshot: training and held-out loss on fixed token samples
       state/                     orbax checkpoint of params + optimizer state at the latest snapshot (removed
                                  when done)
-      DONE.json                  written last; a suite with DONE.json and the same fingerprint is reused as is
+      DONE.json                  written last, with the sha256 of every snapshot's weights; a suite with DONE.json
+                                 and the same fingerprint is reused after its snapshots are verified against them
 
 Determinism: the initial weights come from `seed`; the batch of step s is a function of (seed, s) only (an epoch's
 permutation of fixed-length chunks of the token stream), so a build killed at any point and resumed from the last
@@ -26,7 +27,8 @@ evenly spaced steps ending at `steps` (or an explicit `snapshots` list).
 This module holds the settings (validation, snapshot schedule, fingerprint, where the suite lives) and the build
 around the training: the directory's owner and lock, BUILD.json and DONE.json. The pieces it builds with:
 `token_data` (tokenizer, splits, batches), `model` (the network and its jitted step), `training` (the loop,
-snapshots, losses.json, orbax checkpoints of the training state).
+snapshots, losses.json, orbax checkpoints of the training state), `weight_hashes` (the snapshots' recorded
+hashes, verified at every reuse).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import ml_collections
 from crossjax import configs, console
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write_text
-from crossjax.suite import corpus, dirs, training
+from crossjax.suite import corpus, dirs, training, weight_hashes
 from crossjax.suite import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 1
@@ -201,6 +203,7 @@ def build_suite(cfg) -> list[Path]:
     with _locked(root):
         done = _check_dir_owner(root, fp, s)
         if done is not None and all((root / n / "config.json").is_file() for n in names):
+            weight_hashes.verify(root, done, names, show=show)  # a damaged file is refused before it is used
             return [root / n for n in names]
         if done is None:
             atomic_write_text(root / "BUILD.json", json.dumps(
@@ -208,9 +211,10 @@ def build_suite(cfg) -> list[Path]:
                  "format": FORMAT_VERSION}, indent=2, sort_keys=True))
         t_start = time.time()
         training.train(root, s, fp, snapshot_steps(s), show)
-        atomic_write_text(root / "DONE.json", json.dumps(
+        atomic_write_text(root / weight_hashes.DONE_FILE, json.dumps(
             {"fingerprint": fp, "settings": s, "snapshots": names, "build_seconds_last_run":
-             round(time.time() - t_start, 1), "format": FORMAT_VERSION}, indent=2, sort_keys=True))
+             round(time.time() - t_start, 1), "format": FORMAT_VERSION,
+             training.WEIGHTS_KEY: weight_hashes.recorded_at_build(root, names)}, indent=2, sort_keys=True))
         training.remove_state(root)
         console.say("suite", f"suite ready at {root}", enabled=show)
     return [root / n for n in names]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from crossjax import console
+from crossjax import console, tokens
 from crossjax.errors import CrossjaxError
 from crossjax.suite import corpus, dirs
 from crossjax.suite import tokenizer as tokenizer_lib
@@ -46,7 +46,7 @@ def prepare_data(root: Path, s: dict, show: bool) -> tuple[Path, np.ndarray, np.
         tokenizer_lib.build_tokenizer(train_documents(s), tmp, vocab_size=s["vocab_size"],
                                       model_max_length=s["context_len"])
         dirs.replace_dir(tmp, tok_dir)
-    tok = tokenizer_lib.load_tokenizer(tok_dir)
+    tok = tokens.open_tokenizer(tok_dir)
     data = root / "data"
     data.mkdir(exist_ok=True)
     streams = {}

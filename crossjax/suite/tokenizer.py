@@ -4,7 +4,7 @@ Special tokens follow Pythia's tokenizer: id 0 is `<|endoftext|>` (used as BOS a
 separator when pre-training), id 1 is `<|padding|>`. Nothing is added automatically at encode time (no
 post-processor), again like Pythia: the code that builds contexts prepends BOS itself.
 
-The directory written holds tokenizer.json (read by `tokenizers.Tokenizer.from_file` and by crossjax) plus
+The directory written holds tokenizer.json (read by `crossjax.tokens`, like every snapshot's tokenizer) plus
 tokenizer_config.json and special_tokens_map.json so that `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
 Training is deterministic: the same documents and vocab size give byte-identical files.
 """
@@ -69,15 +69,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, *, model_max_leng
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A directory holding tokenizer.json (or the file itself) -> tokenizers.Tokenizer."""
-    p = Path(path)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not f.is_file():
-        raise CrossjaxError(f"No tokenizer.json at {p}: build the suite first (crossjax.suite.pretrain.ensure_suite).")
-    return Tokenizer.from_file(str(f))
 
 
 def build_tokenizer(documents: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int,

@@ -1,10 +1,11 @@
 """The suite's pre-training loop: steps, snapshots in Hugging Face format, per-snapshot losses, resumable state.
 
-At every snapshot step, in this order: the snapshot directory (renamed into place), losses.json, then the training
-state (params + optimizer state, an orbax checkpoint under state/, the latest one kept). A build killed at any
-point resumes from the last checkpoint; the batch of a step depends only on (seed, step) and the restored state
-holds the exact bits, so it ends with the weights and losses of an uninterrupted build. (In a run of several JAX
-processes each one trains its own copy and nothing is checkpointed: a killed build starts again at step 0.)
+At every snapshot step, in this order: the snapshot directory (renamed into place), losses.json (its record holds
+the hash of the snapshot's weights as written), then the training state (params + optimizer state, an orbax
+checkpoint under state/, the latest one kept). A build killed at any point resumes from the last checkpoint; the
+batch of a step depends only on (seed, step) and the restored state holds the exact bits, so it ends with the
+weights and losses of an uninterrupted build. (In a run of several JAX processes each one trains its own copy and
+nothing is checkpointed: a killed build starts again at step 0.)
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import numpy as np
 
 from crossjax import checkpoint as ckpt_lib
 from crossjax import console
-from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write_text
 from crossjax.models import load as model_load
+from crossjax.models import snapshot_files
 from crossjax.suite import dirs, model, token_data
 
 STATE_DIR = "state"  # only needed to resume; removed once the suite is complete
+WEIGHTS_KEY = "weights_sha256"  # a snapshot's content hash (models.snapshot_files.weights_hash) in its records
 
 
 def train(root: Path, s: dict, fp: str, snapshot_steps: list[int], show: bool) -> None:
@@ -40,11 +42,11 @@ def train(root: Path, s: dict, fp: str, snapshot_steps: list[int], show: bool) -
     losses_path = root / "losses.json"
     checkpoints = _checkpoints(root, show)
     try:
-        step, records = None if checkpoints is None else checkpoints.latest_step(), []
-        if step is None:
+        restored, records = None if checkpoints is None else _restore(checkpoints, params, opt_state), []
+        if restored is None:
             step = 0
         else:
-            params, opt_state = _restore(checkpoints, step, params, opt_state)
+            step, params, opt_state = restored.step, restored.state["params"], restored.state["opt_state"]
             prev = dirs.read_json(losses_path) or {}
             records = [r for r in prev.get("snapshots", []) if r["step"] <= step]
             console.say("suite", f"resuming at step {step} of {s['steps']}", enabled=show)
@@ -61,11 +63,13 @@ def train(root: Path, s: dict, fp: str, snapshot_steps: list[int], show: bool) -
             name = f"step{at_step}"
             tmp = dirs.fresh_partial_dir(root / name)
             model_load.save_hf_snapshot(trainer.model(params), cfg, tmp, tokenizer_dir=tok_dir)
+            weights = snapshot_files.weights_hash(tmp)  # recorded, so that a later reuse can verify the file
             dirs.replace_dir(tmp, root / name)
             rec = {"name": name, "step": at_step, "tokens_seen": at_step * s["batch"] * s["context_len"],
                    "train_loss": trainer.evaluate(params, eval_train, s["eval_contexts"]),
                    "heldout_loss": trainer.evaluate(params, eval_heldout, s["eval_contexts"]),
-                   "train_loss_running": float(np.mean(running)) if running else None}
+                   "train_loss_running": float(np.mean(running)) if running else None,
+                   WEIGHTS_KEY: weights}
             records[:] = [r for r in records if r["step"] < at_step] + [rec]
             atomic_write_text(losses_path, json.dumps(
                 {"snapshots": records, "baselines": baselines, "eval_tokens_per_split": int(eval_heldout.size),
@@ -111,16 +115,12 @@ def _checkpoints(root: Path, show: bool) -> ckpt_lib.Checkpoints | None:
     return ckpt_lib.Checkpoints(root / STATE_DIR, keep=1, async_save=False)
 
 
-def _restore(checkpoints: ckpt_lib.Checkpoints, step: int, params, opt_state):
-    """(params, opt_state) of the checkpoint at `step`, onto the shardings of the fresh ones given."""
+def _restore(checkpoints: ckpt_lib.Checkpoints, params, opt_state) -> ckpt_lib.Restored | None:
+    """The newest suite checkpoint that restores with finite numbers, onto the shardings of the fresh state given
+    (a damaged one is skipped and set aside; none at all: None)."""
     target = {"params": params, "opt_state": opt_state}
     abstract = ckpt_lib.abstract_like(target, jax.tree.map(lambda x: x.sharding, target))
-    try:
-        state = checkpoints.restore(step, abstract)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CrossjaxError(f"The suite checkpoint in {checkpoints.directory} does not match the model ({e}); "
-                            "delete that directory to restart training from step 0.") from e
-    return state["params"], state["opt_state"]
+    return checkpoints.restore_latest(abstract, stage="suite")
 
 
 def remove_state(root: Path) -> None:

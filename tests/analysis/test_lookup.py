@@ -228,23 +228,6 @@ def test_errors(store, tmp_path):
         index.attach(store_url=other_store.url)
 
 
-def test_version_1_summary_still_names_the_store(store, tmp_path):
-    """summary.json without a version field (trainers before crossjax.summary) is read for its store, snapshots
-    and export until no such workdirs are about."""
-    params, cfg = make_params("relu")
-    scales = store.estimate_scales()
-    work = make_workdir(tmp_path, params, scales, cfg, store.url, store.meta.snapshots)
-    v2 = FeatureIndex.build(work, top_k=2, batch_rows=300, window=0, progress=False)
-    (work / "summary.json").write_text(json.dumps({"store": store.url, "snapshots": list(store.meta.snapshots),
-                                                   "export": str(work / "export")}))
-    v1 = FeatureIndex.build(work, top_k=2, batch_rows=300, window=0, progress=False)
-    assert v1.info["store_url"] == v2.info["store_url"] == store.url
-    np.testing.assert_array_equal(v1.counts, v2.counts)
-    (work / "summary.json").write_text(json.dumps({"store": store.url, "export": str(tmp_path / "elsewhere")}))
-    with pytest.raises(CrossjaxError, match="no store_url"):  # another export's summary is not this one's
-        FeatureIndex.build(work, progress=False)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Context windows on a hand-made store
 
