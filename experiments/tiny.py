@@ -70,6 +70,10 @@ def get_config(arg: str | None = None):
     t.heldout_blocks = 1
     # at the end: each snapshot's LM loss with the reconstruction spliced in, on held-out text
     config.eval.spliced_tokens = 512 if micro else 8192
+    # and the paper's analyses: linear separability of sampled features, the two phases (loss, KL to n-grams)
+    config.evals = "heldout,spliced,separability,phases"
+    config.eval.phases_tokens = 512 if micro else 8192
+    config.eval.phases_stats_tokens = 4096 if micro else 200_000
     if micro:
         config.tokens.num_tokens = 4096
         config.store.block_rows = 512

@@ -252,6 +252,14 @@ def test_micro_pipeline_suite_to_summary(built, tmp_path, monkeypatch):
     ev = on_disk.heldout["ev"]
     assert len(ev) == 4 and min(ev) > 0.4, ev  # the crosscoder learned every snapshot (EV about 0.7-0.8)
     assert not (tmp_path / "cache").exists()  # nothing was built outside the given suite dir
+    # the paper's analyses ran: separability of sampled features, and the two phases over every snapshot
+    assert list(on_disk.evals) == ["heldout", "spliced", "separability", "phases"]
+    curves = on_disk.evals["phases"]["curves"]
+    assert list(curves) == list(config.model.snapshots)
+    assert curves["step48"]["loss"] < curves["step0"]["loss"]          # the model learned from step 0 to 48
+    assert curves["step48"]["kl_unigram"] < curves["step0"]["kl_unigram"]
+    assert on_disk.evals["phases"]["transition"]["snapshot"] in curves
+    assert len(on_disk.evals["separability"]["snapshots"]) == 4
     # The store holds activations of exactly the suite's snapshots (content hashes of the saved weights).
     store = store_lib.ActivationStore.open(on_disk.store)
     want = [model_load.load_snapshot(str(built / n)).content_hash for n in config.model.snapshots]
