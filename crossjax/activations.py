@@ -32,32 +32,31 @@ themselves (5 bytes per context position: int32 ids and a bool mask); never the 
 Resuming: a (group, snapshot) unit whose blocks all carry done markers is skipped; a partly written group is
 recomputed with the same batches (same bytes) and only its missing blocks are written. With several processes
 (``jax.process_count() > 1``), process p writes the groups g with g % process_count == p (tokens included), so no
-context is run by two processes; with groups of one block this is block % process_count == p.
+context is run by two processes; with groups of one block this is block % process_count == p. A process with
+units to write first claims its groups (``locks.claim_store_units``, local stores): a second writer whose groups
+overlap those of a live one stops with an error naming it, before it writes anything.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
-import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import console
+from crossjax import console, locks
 from crossjax import store as store_lib
 from crossjax import tokens as tokens_lib
 from crossjax.errors import CrossjaxError
 from crossjax.row_layout import RowLayout
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,11 +206,35 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
                    layout=layout.fingerprint()))
     store = store_lib.ActivationStore.create(url, meta)
     my_groups = [g for g in range(layout.num_groups) if g % pc == pi]
-    missing = set(store.missing_units())  # one listing of the done markers, not one read per unit
+    claim = contextlib.nullcontext()
+    if _units_to_write(store, layout, my_groups, set(store.missing_units())):
+        claim = locks.claim_store_units(url, index=pi, count=pc, num_units=layout.num_groups,
+                                        unit="group of blocks")
+    with claim:
+        # one listing of the done markers, after the claim: a writer that has just ended may have written some
+        missing = set(store.missing_units())
+        _write_missing(store, layout, plan, my_groups, missing, contexts, mesh, config, pi, pc, progress)
+
+    if jax.process_count() > 1:  # the store is complete only once every process has written its groups
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("crossjax.activations.done")
+    return url
+
+
+def _units_to_write(store, layout: RowLayout, groups: Sequence[int], missing: set) -> bool:
+    """Whether any unit (tokens or a snapshot) of these groups' blocks is missing."""
+    return any((b, s) in missing for g in groups for b in layout.group_blocks(g)
+               for s in (None, *range(store.meta.num_snapshots)))
+
+
+def _write_missing(store, layout: RowLayout, plan: _SnapshotPlan, my_groups: Sequence[int], missing: set, contexts,
+                   mesh, config, pi: int, pc: int, progress: bool) -> None:
+    """Write this process's missing units: the tokens, then each snapshot's groups (one model at a time)."""
+    meta = store.meta
     todo = {s: [g for g in my_groups if any((b, s) in missing for b in layout.group_blocks(g))]
             for s in range(meta.num_snapshots)}
     ndev = 1 if mesh is None else mesh.size
-    batch = _batch_size(int(acfg.contexts_per_batch), ndev)
+    batch = _batch_size(int(config.activations.contexts_per_batch), ndev)
     _print_plan(meta, layout, contexts, batch, ndev, todo, pi, pc)
 
     _write_tokens(store, layout, [g for g in my_groups if any((b, None) in missing for b in layout.group_blocks(g))],
@@ -229,10 +252,13 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
             _write_snapshot(store, layout, plan, s, todo[s], missing, config, mesh, bar)
     bar.close()
 
-    if jax.process_count() > 1:  # the store is complete only once every process has written its groups
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("crossjax.activations.done")
-    return url
+
+def _written_meanwhile(store, block: int, snapshot: int | None) -> CrossjaxError:
+    """A unit this process was to write was finished by another writer while it ran (a store without locks)."""
+    what = "tokens" if snapshot is None else f"snapshot {store.meta.snapshots[snapshot]}"
+    return CrossjaxError(f"block {block} {what} of {store.url} was written by another writer while this one ran: "
+                         "two activation writers overlap on this store. Let one of them end, then run the same "
+                         "command again: it writes only the units still missing.")
 
 
 def _write_tokens(store, layout: RowLayout, groups: Sequence[int], missing: set) -> None:
@@ -245,8 +271,11 @@ def _write_tokens(store, layout: RowLayout, groups: Sequence[int], missing: set)
         g0 = layout.group_range(g)[0]
         for b in blocks:
             lo, hi = (r - g0 for r in store.block_range(b))
-            store.write_tokens(b, ids[ctx[lo:hi], pos[lo:hi]].astype(np.int32), ctx[lo:hi].astype(np.int32),
-                               pos[lo:hi].astype(np.int32))
+            try:
+                store.write_tokens(b, ids[ctx[lo:hi], pos[lo:hi]].astype(np.int32), ctx[lo:hi].astype(np.int32),
+                                   pos[lo:hi].astype(np.int32))
+            except store_lib.UnitDoneError:
+                raise _written_meanwhile(store, b, None) from None
 
 
 def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, groups: Sequence[int], missing: set,
@@ -294,7 +323,10 @@ def write_group(store, layout: RowLayout, s: int, g: int, buf: np.ndarray, missi
     for b in layout.group_blocks(g):
         if (b, s) in missing:
             lo, hi = (r - g0 for r in store.block_range(b))
-            store.write_block(b, s, buf[lo:hi])
+            try:
+                store.write_block(b, s, buf[lo:hi])
+            except store_lib.UnitDoneError:
+                raise _written_meanwhile(store, b, s) from None
 
 
 def write_groups(store, layout: RowLayout, s: int, groups: Sequence[int], forward, batch: int, *, missing: set,
@@ -367,7 +399,7 @@ def _main() -> None:
 
     def make_store() -> None:
         from crossjax import pipeline
-        store = pipeline.activation_store(pipeline.bind_suite(cli.CONFIG.value), os.path.abspath(cli.WORKDIR.value))
+        store = pipeline.make_activation_store(cli.CONFIG.value, cli.WORKDIR.value)
         print(f"activation store ready: {store.url}", flush=True)
 
     cli.main("activations", make_store)

@@ -55,6 +55,15 @@ def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
     each run's summary.json. Planted data adds "max_cos" to both sides (mean best cosine to the true features
     present at that snapshot); model snapshots with eval.spliced_tokens add "spliced_loss" and "loss_recovered".
     """
+    from crossjax import locks, workdir as workdir_lib
+
+    workdir = workdir_lib.prepare(workdir)
+    with locks.hold_workdir(workdir):  # for the whole comparison: its SAE runs and compare.json live in it too
+        return _compare(config, workdir, snapshots)
+
+
+def _compare(config, workdir: str, snapshots: list[str] | None) -> dict:
+    """compare() with the workdir held."""
     import jax
 
     from crossjax import store as store_lib
@@ -62,7 +71,6 @@ def compare(config, workdir: str, snapshots: list[str] | None = None) -> dict:
     from crossjax.errors import CrossjaxError
     from crossjax.files import atomic_write_text
 
-    workdir = os.path.abspath(workdir)
     console.say("compare", f"the crosscoder in {workdir}")
     cc = pipeline.run(config, workdir)
     names = list(cc.snapshots)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 
 from ml_collections import ConfigDict
 
@@ -198,6 +199,12 @@ def eval_config() -> ConfigDict:
         spliced_tokens=0,           # model snapshots: > 0 measures, at the end, each snapshot's next-token loss with
                                     # the hook's residual replaced by the reconstruction, over about this many tokens
         spliced_split="heldout",    # tokens.split used for those contexts (offline corpus / HF dataset split)
+        clusters=6,                 # k of the k-means clusters of strength curves in the summary (seed: train.seed)
+        separability_features=32,   # evals "separability": features probed (drawn among those that fire enough)
+        separability_rows=4096,     # and held-out rows read for the probes (half to train, half for the AUC)
+        phases_tokens=0,            # evals "phases", model snapshots: > 0 measures each snapshot's loss and KL to the
+                                    # corpus unigram/bigram statistics over about this many held-out tokens
+        phases_stats_tokens=1_000_000,  # training-split tokens the unigram/bigram statistics are counted over
     ))
 
 
@@ -293,16 +300,54 @@ def num_snapshots(config: ConfigDict) -> int:
     return len(entries) or len(store_snapshots(config))
 
 
+def store_blocks(config: ConfigDict) -> int | None:
+    """The number of blocks of the store the config describes (None for an unknown data.source)."""
+    if config.data.source == "planted":
+        return -(-int(config.planted.num_rows) // max(int(config.planted.block_rows), 1))
+    if config.data.source == "snapshots":  # one row per collected token position
+        return -(-int(config.tokens.num_tokens) // max(int(config.store.block_rows), 1))
+    return None
+
+
+def data_problems(config: ConfigDict, source: str | None = None) -> list[str]:
+    """What is wrong with the sections the data stages read, found without reading any file; `source`: the data
+    source to check for (default: data.source)."""
+    problems = []
+    source = config.data.source if source is None else source
+    if source not in SOURCES:
+        problems.append(f"data.source={source!r} is not one of {SOURCES}")
+    if source == "snapshots":
+        from crossjax.models.gpt_neox import HOOK_KINDS
+        hook = str(config.model.hook)
+        m = re.fullmatch(r"blocks\.(\d+)\.(\w+)", hook)
+        if m is None or m.group(2) not in HOOK_KINDS:
+            problems.append(f"model.hook={hook!r} is not a hook name: use 'blocks.{{i}}.{{kind}}' with kind one of "
+                            f"{', '.join(HOOK_KINDS)}")
+        elif config.suite.enabled and int(m.group(1)) >= int(config.suite.layers):
+            problems.append(f"model.hook={hook!r} asks for layer {m.group(1)} but the suite's model has "
+                            f"{config.suite.layers} layers (suite.layers); pick a layer below {config.suite.layers}")
+    if int(config.store.block_rows) < 1:
+        problems.append(f"store.block_rows={config.store.block_rows} must be >= 1")
+    if int(config.planted.block_rows) < 1:
+        problems.append(f"planted.block_rows={config.planted.block_rows} must be >= 1")
+    return problems
+
+
+def validate_data(config: ConfigDict, source: str | None = None) -> None:
+    """Raise CrossjaxError listing data_problems(config, source), the checks the data stages alone need."""
+    problems = data_problems(config, source)
+    if problems:
+        raise CrossjaxError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
 def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     """Raise CrossjaxError listing every inconsistent value and its fix; return None when the config is usable."""
     import jax
 
     from crossjax import sharding
 
-    problems: list[str] = []
+    problems = data_problems(config)
     t = config.train
-    if config.data.source not in SOURCES:
-        problems.append(f"data.source={config.data.source!r} is not one of {SOURCES}")
     if t.compute_dtype not in COMPUTE_DTYPES:
         problems.append(f"train.compute_dtype={t.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
     for key in ("batch_size", "log_every", "keep_checkpoints"):
@@ -311,8 +356,12 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     for key in ("steps", "num_tokens", "warmup_steps", "checkpoint_every", "eval_every", "dead_after_tokens"):
         if int(t[key]) < 0:
             problems.append(f"train.{key}={t[key]} must be >= 0")
+    blocks = store_blocks(config)
     if int(t.heldout_blocks) < 1:
         problems.append(f"train.heldout_blocks={t.heldout_blocks} must be >= 1 (evaluation needs held-out rows)")
+    elif blocks is not None and int(t.heldout_blocks) >= blocks:
+        problems.append(f"train.heldout_blocks={t.heldout_blocks} leaves no training data: the store will have "
+                        f"{blocks} blocks; hold out fewer blocks or make a larger store")
     for key in ("cooldown_frac", "sparsity_warmup_frac"):
         if not 0.0 <= float(t[key]) <= 1.0:
             problems.append(f"train.{key}={t[key]} must lie in [0, 1]")
@@ -348,6 +397,12 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     features = int(config.crosscoder.num_features)
     if features < 1:
         problems.append(f"crosscoder.num_features={features} must be >= 1")
+    else:  # the activation name, k, thresholds...: the checks the trainer would make after the store is made
+        try:
+            crosscoder_config.CrosscoderConfig.from_config(config.crosscoder, num_snapshots=max(s, 1),
+                                                           d_model=max(int(config.data.d_model), 1))
+        except CrossjaxError as e:
+            problems.append(str(e))
 
     if num_devices is None:
         num_devices = jax.device_count()

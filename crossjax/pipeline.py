@@ -2,9 +2,11 @@
 
     summary = pipeline.run(config, workdir)
 
-1. data     the activation store, made if it is missing: planted data (crossjax/planted.py), or the offline suite
+0. checks   the config's values (configs.validate) and the evaluators' names, before any stage runs
+1. workdir  held by this run alone (crossjax/locks.py: a second run on it stops at once, naming the first);
+            workdir/config.json guards it: the same config resumes, another config is refused
+2. data     the activation store, made if it is missing: planted data (crossjax/planted.py), or the offline suite
             (crossjax/suite) and then the activation stage (crossjax/activations.py); checked against the config
-2. workdir  workdir/config.json guards the workdir: the same config resumes, another config is refused
 3. train    crossjax/trainer.py on the store's training blocks (resuming from the latest checkpoint)
 4. export   the weights, with the normalisation scales, to workdir/export (safetensors + config.json)
 5. evals    the evaluators named in config.evals (crossjax/evals/: held-out EV/L0, planted recovery, spliced loss)
@@ -23,7 +25,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from crossjax import configs, crosscoder, evals, sharding, snapshot_names, trainer, workdir as workdir_lib
+from crossjax import configs, crosscoder, evals, locks, sharding, snapshot_names, trainer
+from crossjax import workdir as workdir_lib
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
@@ -52,12 +55,15 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     config = bind_suite(config)
     configs.validate(config)
     evals.names(config.evals)                      # a typo fails before any stage runs
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise CrossjaxError(f"--workdir={workdir} is a file, not a directory; choose another --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    workdir_lib.check(config, workdir, configs.base_config())
+    workdir = workdir_lib.prepare(workdir)
+    with locks.hold_workdir(workdir):              # before anything in the workdir is read or written
+        workdir_lib.check(config, workdir, configs.base_config())
+        return _run_stages(config, workdir, stop_after, store, callbacks)
 
+
+def _run_stages(config: ConfigDict, workdir: str, stop_after: int | None, store: store_lib.ActivationStore | None,
+                callbacks: Sequence[Callable[[trainer.StepEvent], bool | None]]) -> RunSummary | Stopped:
+    """run() past its checks, with the workdir locked."""
     store = prepare_store(config, workdir) if store is None else given_store(config, workdir, store)
     scales = ensure_scales(config, store)
     names, subset = snapshot_names.select(config.data.snapshots, store.meta.snapshots)
@@ -96,8 +102,8 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
         snapshots=list(names), num_features=result.crosscoder.num_features,
         init_norm=float(jax.device_get(result.state["init_norm"])), scales=np.asarray(scales).tolist(),
         export=context.export_dir,
-        evolution=evolution.summarise(host_params["W_dec"], list(names),
-                                      float(config.eval.emergence_threshold)),
+        evolution=evolution.summarise(host_params["W_dec"], list(names), float(config.eval.emergence_threshold),
+                                      clusters=int(config.eval.clusters), cluster_seed=int(config.train.seed)),
         evals=results)
     if jax.process_index() == 0:
         summary.write()
@@ -120,23 +126,50 @@ def bind_suite(config: ConfigDict) -> ConfigDict:
     return bound
 
 
+def make_activation_store(config: ConfigDict, workdir: str) -> store_lib.ActivationStore:
+    """The activation stage alone (`python -m crossjax.activations`): the suite if enabled, then the store of the
+    model snapshots' activations, each made if missing. The data sections' cheap checks come first."""
+    config = bind_suite(config)
+    configs.validate_data(config, source="snapshots")
+    workdir = workdir_lib.prepare(workdir)
+    check_store_location(store_lib.resolve_url(config.store.path, workdir))
+    return activation_store(config, workdir)
+
+
 def prepare_store(config: ConfigDict, workdir: str) -> store_lib.ActivationStore:
     """Run the missing data stages and return the opened, complete store that matches the config."""
+    url = store_lib.resolve_url(config.store.path, workdir)
+    check_store_location(url)
     if config.data.source == "planted":
-        from crossjax import planted
-        url = store_lib.resolve_url(config.store.path, workdir)
-        if jax.process_count() == 1:
-            store = planted.ensure_planted(config.planted, url)
-        else:  # each process writes its own blocks, then all wait for the store to be complete
-            from jax.experimental import multihost_utils
-            planted.generate_planted(url, config.planted, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-            multihost_utils.sync_global_devices("crossjax.pipeline.planted")
-            store = store_lib.ActivationStore.open(url)
+        store = planted_store(config, url)
     else:
         store = activation_store(config, workdir)
     check_store(config, store)
     return store
+
+
+def check_store_location(url: str) -> None:
+    """A local store path must be a directory (or not exist yet)."""
+    path = locks.local_directory(url)
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise CrossjaxError(f"store.path={url} is a file, not a directory: point store.path at a directory "
+                            "(a missing one is created)")
+
+
+def planted_store(config: ConfigDict, url: str) -> store_lib.ActivationStore:
+    """The planted store of config.planted at url, its missing blocks written first: process p of P writes the
+    blocks b with b % P == p, under a writer's claim, then all wait for the store to be complete."""
+    from crossjax import planted
+    pi, pc = jax.process_index(), jax.process_count()
+    store = store_lib.ActivationStore.create(url, planted.planted_meta(config.planted))
+    if not store.is_complete() or store.read_file(planted.TRUTH_FILE) is None:
+        with locks.claim_store_units(url, index=pi, count=pc, num_units=store.meta.num_blocks, unit="block",
+                                     stage="planted"):
+            planted.generate_planted(url, config.planted, process_index=pi, process_count=pc)
+    if pc > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("crossjax.pipeline.planted")
+    return store_lib.ActivationStore.open(url)
 
 
 def activation_store(config: ConfigDict, workdir: str) -> store_lib.ActivationStore:

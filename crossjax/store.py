@@ -210,7 +210,9 @@ class ActivationStore:
         if self._kv.read(key).result().state == "value":
             what = "tokens" if snapshot is None else f"snapshot {snapshot} ({self.meta.snapshots[snapshot]})"
             if not overwrite:
-                raise UnitDoneError(f"block {block} {what} is already written: pass overwrite=True to replace it.")
+                raise UnitDoneError(f"block {block} {what} is already written: no command rewrites a finished unit "
+                                    "(the same command skips it); in Python, write_block(..., overwrite=True) "
+                                    "replaces it.")
             # Unmark first, so that a crash during the rewrite leaves the unit to be redone.
             self._kv.write(key, None).result()
             self._complete = False

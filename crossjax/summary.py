@@ -105,17 +105,19 @@ def main(argv: list[str]) -> int:
     """`python -m crossjax.summary WORKDIR`: exit 0 when WORKDIR holds a finished run's valid summary (printing
     its headline), 2 otherwise (launch scripts use it to tell a finished run from a stopped one)."""
     import sys
+
+    from crossjax import cli
     if len(argv) != 1:
         print("usage: python -m crossjax.summary WORKDIR", file=sys.stderr)
         return 2
-    try:
+
+    def headline() -> None:
         summary = RunSummary.read(argv[0])
-    except CrossjaxError as e:
-        print(f"crossjax.summary: {e}", file=sys.stderr)
-        return 2
-    ev = summary.heldout.get("ev_mean")
-    print(f"finished: {summary.steps} steps, {summary.tokens} tokens"
-          + (f", held-out EV {ev:.4f}" if ev is not None else "") + f"; weights: {summary.export}")
+        ev = summary.heldout.get("ev_mean")
+        print(f"finished: {summary.steps} steps, {summary.tokens} tokens"
+              + (f", held-out EV {ev:.4f}" if ev is not None else "") + f"; weights: {summary.export}")
+
+    cli.run("summary", headline)  # an unfinished or damaged run: one line and exit code 2
     return 0
 
 

@@ -44,13 +44,44 @@ def config_differences(old: dict, new: dict, defaults: dict) -> list[str]:
             if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(RESUME_SAFE_KEYS)]
 
 
-def check(config: ConfigDict, workdir: str, defaults: ConfigDict) -> bool:
-    """True when workdir holds a run of this same config (resume); raise when it holds another config's run."""
+def prepare(workdir: str) -> str:
+    """The absolute path of workdir, created if missing; CrossjaxError when it is a file or cannot be made."""
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CrossjaxError(f"--workdir={workdir} is a file, not a directory; choose another --workdir")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise CrossjaxError(f"cannot create --workdir={workdir} ({e.strerror}: {e.filename}); choose a writable "
+                            "location for --workdir") from e
+    return workdir
+
+
+def read_recorded(workdir: str) -> dict | None:
+    """The config dict recorded in workdir/config.json, None when there is none; CrossjaxError when it is damaged."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            old = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        old = e
+    if not isinstance(old, dict):
+        what = f"is not valid JSON ({old})" if isinstance(old, Exception) else f"holds {type(old).__name__}"
+        raise CrossjaxError(
+            f"{path} {what}, not the config this workdir's run was started with (it is written in one rename, so "
+            "something else damaged it). If this workdir holds a run of the same --config, delete that file and "
+            "run the same command again: it is written anew and the run resumes from its checkpoints; otherwise "
+            "use another --workdir.")
+    return old
+
+
+def check(config: ConfigDict, workdir: str, defaults: ConfigDict) -> bool:
+    """True when workdir holds a run of this same config (resume); raise when it holds another config's run."""
+    old = read_recorded(workdir)
+    if old is None:
         return False
-    with open(path) as f:
-        old = json.load(f)
     diff = config_differences(old, config_json(config), config_json(defaults))
     if diff:
         raise CrossjaxError(

@@ -32,6 +32,6 @@ def test_a_new_evaluator_is_one_module_named_in_config_evals(tmp_path, monkeypat
 def test_an_unknown_evaluator_fails_before_any_stage(tmp_path):
     c = tiny_config(tmp_path / "store")
     c.evals = "heldout,recovry"
-    with pytest.raises(CrossjaxError, match=r"unknown evaluator\(s\) \['recovry'\].*heldout, recovery, spliced"):
+    with pytest.raises(CrossjaxError, match=r"unknown evaluator\(s\) \['recovry'\].*heldout, phases, recovery, separability, spliced"):
         pipeline.run(c, str(tmp_path / "run"))
     assert not (tmp_path / "store").exists()
