@@ -7,12 +7,12 @@ Pipeline (``ensure_activations``), every check before anything is written, cheap
 1. Resolve every snapshot (``model.path_template`` with ``{snapshot}``, or ``model.repo`` at revision = snapshot
    name); check the hook and the context length against the first one's config.json.
 2. Build the contexts once with the first snapshot's tokenizer (``crossjax.tokens``).
-3. Load each snapshot once, one at a time, to hash its weights; check they are one architecture with one tokenizer
-   and no duplicated weights (``models.load.check_snapshots_consistent``). This runs on every call, also when the
-   store is complete, because the hashes are part of the store's metadata.
+3. Hash each snapshot's weights from its files (``models.load.inspect_snapshot``: streamed, no model built); check
+   they are one architecture with one tokenizer and no duplicated weights (``models.load.check_snapshots_consistent``).
+   This runs on every call, also when the store is complete, because the hashes are part of the store's metadata.
 4. Derive the row layout (row = a valid (context, position) pair, the same for every snapshot); create the store,
    or reopen it when its metadata is equal; write token ids, context ids and positions.
-5. For each snapshot (one model in memory at a time; the last one hashed goes first, it is still loaded): run the
+5. For each snapshot (one model in memory at a time; its hash checked again as it loads): run the
    jitted forward to the hook (``models.Runner``) over the contexts of each group of blocks, place the valid
    positions into the group's rows and write its blocks (in a background thread, while the next group is computed:
    ``write_groups``).
@@ -42,7 +42,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import math
 from typing import Callable, Sequence
 
@@ -67,8 +66,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 class _SnapshotPlan:
     names: list[str]
     specs: list[tuple[str, str | None]]  # (spec, revision) for load_snapshot
-    infos: list  # LoadedSnapshot per snapshot, model dropped (hash, config, paths)
-    kept: object | None  # the last loaded snapshot, model still in memory
+    infos: list  # LoadedSnapshot per snapshot without its model (hash, config, paths)
     neox: object  # NeoXConfig shared by all snapshots
 
 
@@ -102,34 +100,26 @@ def _load(config, plan_or_specs, s: int, mesh):
 def _resolve_snapshots(config):
     """(names, specs, paths, NeoXConfig of the first): finds every snapshot and checks the hook and context
     length against the first one's config.json, before any weights are read."""
-    from crossjax.models import gpt_neox
-    from crossjax.models import load as load_lib
+    from crossjax.models import gpt_neox, snapshot_files
 
     names, specs = snapshot_specs(config.model)
     cache_dir = config.model.get("cache_dir") or None
-    paths = [load_lib.resolve_snapshot(spec, rev, cache_dir=cache_dir) for spec, rev in specs]
-    try:
-        neox = gpt_neox.NeoXConfig.from_hf_dict(json.loads((paths[0] / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise CrossjaxError(f"{paths[0] / 'config.json'} is not valid JSON ({e}); the snapshot is corrupt.") from e
+    paths = [snapshot_files.resolve_snapshot(spec, rev, cache_dir=cache_dir) for spec, rev in specs]
+    neox = snapshot_files.read_config(paths[0])
     gpt_neox.validate_hook(neox, config.model.hook)
     gpt_neox.validate_context_len(neox, int(config.tokens.context_len))
     return names, specs, paths, neox
 
 
-def _inspect_snapshots(config, names, specs, mesh) -> _SnapshotPlan:
-    """Loads each snapshot once (one at a time) to hash it; checks they belong together."""
+def _inspect_snapshots(config, names, specs) -> _SnapshotPlan:
+    """Hashes each snapshot's weights from its files (no model is built); checks they belong together."""
     from crossjax.models import load as load_lib
 
-    infos, kept = [], None
-    for s in range(len(specs)):
-        loaded = _load(config, specs, s, mesh)
-        infos.append(dataclasses.replace(loaded, model=None))
-        kept = loaded if s == len(specs) - 1 else None
-        del loaded
+    cache_dir = config.model.get("cache_dir") or None
+    infos = [load_lib.inspect_snapshot(spec, rev, cache_dir=cache_dir) for spec, rev in specs]
     load_lib.check_snapshots_consistent(dict(zip(names, infos)),
                                         allow_duplicates=bool(config.model.allow_duplicate_weights))
-    return _SnapshotPlan(names, specs, infos, kept, infos[0].config)
+    return _SnapshotPlan(names, specs, infos, infos[0].config)
 
 
 def _model_dtype(name: str):
@@ -188,7 +178,7 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
         raise CrossjaxError(f"the tokenizer in {paths[0]} produced id {int(contexts.input_ids.max())} but the "
                             f"model's vocab_size is {neox.vocab_size}; the snapshot's tokenizer does not fit its model.")
     mesh = local_mesh()
-    plan = _inspect_snapshots(config, names, specs, mesh)  # hashes, architecture, tokenizer, duplicates
+    plan = _inspect_snapshots(config, names, specs)  # hashes, architecture, tokenizer, duplicates
 
     # 2. rows
     layout = RowLayout.build(contexts, block_rows=int(scfg.block_rows), group_rows=int(acfg.shuffle_group_rows),
@@ -243,11 +233,7 @@ def _write_missing(store, layout: RowLayout, plan: _SnapshotPlan, my_groups: Seq
     # rows written, summed over snapshots (rows/s = tokens/s)
     bar = console.progress("activations", int(total), unit="tok", unit_scale=True, enabled=progress)
     bar.set_postfix_str(f"store when complete ~{_fmt_bytes(store_size_bytes(meta))}", refresh=False)
-    last = meta.num_snapshots - 1
-    if not todo[last]:
-        plan.kept = None
-    # the snapshot still in memory from the inspection goes first
-    for s in [last, *range(last)]:
+    for s in range(meta.num_snapshots):
         if todo[s]:
             _write_snapshot(store, layout, plan, s, todo[s], missing, config, mesh, bar)
     bar.close()
@@ -280,11 +266,7 @@ def _write_tokens(store, layout: RowLayout, groups: Sequence[int], missing: set)
 
 def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, groups: Sequence[int], missing: set,
                     config, mesh, bar) -> None:
-    if plan.kept is not None and s == len(plan.names) - 1:
-        loaded, plan.kept = plan.kept, None
-    else:
-        plan.kept = None
-        loaded = _load(config, plan.specs, s, mesh)
+    loaded = _load(config, plan.specs, s, mesh)
     if loaded.content_hash != plan.infos[s].content_hash:
         raise CrossjaxError(f"snapshot {plan.names[s]} changed on disk while activations were generated "
                             f"(hash {loaded.content_hash[:12]} != {plan.infos[s].content_hash[:12]}); run again.")
