@@ -146,3 +146,30 @@ def export(workdir: str, snapshot: str | int, out_dir: str, *, refit_steps: int 
                   "heldout_rows": int(len(x)), **figures}
     files.atomic_write_text(os.path.join(out_dir, PROVENANCE), json.dumps(provenance, indent=1) + "\n")
     return provenance
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from crossjax import cli
+    parser = argparse.ArgumentParser(prog="python -m crossjax.export_saelens", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a finished run's workdir")
+    parser.add_argument("--snapshot", required=True, help="snapshot name (e.g. step1000) or 0-based index")
+    parser.add_argument("--out", required=True, help="directory for cfg.json and sae_weights.safetensors")
+    parser.add_argument("--refit_steps", type=int, default=0, help="> 0: refit the encoder on that snapshot alone")
+    args = parser.parse_args(argv)
+    snapshot = int(args.snapshot) if args.snapshot.lstrip("-").isdigit() else args.snapshot
+
+    def body() -> None:
+        out = export(args.workdir, snapshot, args.out, refit_steps=args.refit_steps)
+        refit = f", after a {out['refit_steps']}-step encoder refit {out['refit_ev']:.4f}" if "refit_ev" in out else ""
+        print(f"SAELens SAE of {out['snapshot']} in {args.out}: EV on its held-out rows {out['exported_ev']:.4f}"
+              f"{refit} (the crosscoder, reading every snapshot: {out['crosscoder_ev_on_snapshot']:.4f})")
+
+    cli.run(STAGE, body)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -62,3 +62,19 @@ def test_bad_arguments(run, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(CrossjaxError, match="is a file"):
         export_saelens.export(run.workdir, 0, str(tmp_path / "file"))
+
+
+def test_command_line(run, tmp_path):
+    import subprocess
+    import sys
+
+    from _procs import child_env
+    from _trainer_util import ROOT
+    cmd = [sys.executable, "-m", "crossjax.export_saelens", f"--workdir={run.workdir}", "--out", str(tmp_path / "o")]
+    ok = subprocess.run(cmd + ["--snapshot=planted_1"], cwd=ROOT, env=child_env(1), capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "SAELens SAE of planted_1" in ok.stdout and (tmp_path / "o" / "cfg.json").exists()
+    bad = subprocess.run(cmd + ["--snapshot=nope"], cwd=ROOT, env=child_env(1), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "not one of the snapshots" in bad.stderr and "Traceback" not in bad.stderr
