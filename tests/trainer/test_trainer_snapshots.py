@@ -36,7 +36,7 @@ def test_snapshots_to_crosscoder_in_one_call(tmp_path):
     assert st.is_complete() and st.meta.snapshots == ("step0", "step1", "step2") and st.meta.d_model == 32
     np.testing.assert_allclose(out.scales, st.scales)                 # estimated once, saved with the store
     assert out.steps == 10 and out.tokens == 320 and out.snapshots == ["step0", "step1", "step2"]
-    assert out.heldout["rows"] == 32                                      # 44 held-out rows: one batch of 32
+    assert out.heldout["rows"] == 44          # every held-out row: a batch of 32 and the 12 left over
     assert len(out.heldout["ev"]) == 3 and all(np.isfinite(out.heldout["ev"]))
     assert 0.1 <= out.init_norm <= 1.0 and "recovery" not in out.evals
     w = exported(workdir)
