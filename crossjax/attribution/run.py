@@ -1,0 +1,144 @@
+"""Attribution of a task over every snapshot of a crosscoder, and of a finished run (`python -m crossjax.analyze`).
+
+    from crossjax.attribution import analyze, analyze_run
+    out = analyze_run("/tmp/crossjax_tiny", "kjv_agreement")          # writes <workdir>/attribution/kjv_agreement.*
+    out["snapshots"]["step1600"]["curves"]["attribution"]["ablate_top"]
+
+`analyze` works on snapshots and a crosscoder given directly: pass 1 collects every snapshot's residual at the
+hook (the encoder needs all of them), then each target snapshot is loaded again, spliced (splice.Splice),
+attributed (attribute.attribute) and its ablation/retention curves measured (curves.curves), one model in memory
+at a time. LoadedSnapshots are used as given (loaded once).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from crossjax import console
+from crossjax.attribution import attribute as attribute_lib
+from crossjax.attribution import curves as curves_lib
+from crossjax.attribution import splice as splice_lib
+from crossjax.attribution import tasks as tasks_lib
+from crossjax.errors import CrossjaxError
+
+OUT_DIR = "attribution"
+
+
+def analyze(snapshots: Sequence | Mapping, crosscoder, hook: str, task: tasks_lib.TokenizedTask, *,
+            targets: Sequence[str] | None = None, methods: Sequence[str] = attribute_lib.METHODS,
+            ig_steps: int = 32, draws: int = 3, seed: int = 0, max_k: int | None = None,
+            progress: bool = False) -> dict[str, dict]:
+    """{snapshot name: {"attribution": attribute.Attribution, "curves": {method: curves.curves(...)}}} for each
+    target (default: every snapshot). snapshots: the crosscoder's S snapshots in its order (LoadedSnapshots or
+    directories, or a mapping name -> one); crosscoder: an export directory or (params, scales, cfg)."""
+    cc = splice_lib.Crosscoder.of(crosscoder)
+    items = splice_lib.snapshot_items(snapshots)
+    names = [n for n, _ in items]
+    if cc.cfg.num_snapshots != len(items):
+        raise CrossjaxError(f"the crosscoder covers {cc.cfg.num_snapshots} snapshots but {len(items)} were given "
+                            f"({names}): pass exactly the snapshots it was trained on, in its order.")
+    targets = list(names if targets is None else targets)
+    missing = [t for t in targets if t not in names]
+    if missing or not targets:
+        raise CrossjaxError(f"snapshots {missing or targets} to analyze are not among the crosscoder's {names}.")
+    console.say("attribution", f"{tasks_lib.describe(task)}; residuals of {len(items)} snapshots", enabled=progress)
+    res = splice_lib.collect_residuals(items, hook, task, cc.cfg.d_model)
+    h_clean, h_corr = cc.encode(res.clean, task.valid), cc.encode(res.corrupted, task.valid)
+    out = {}
+    for name in targets:
+        s = names.index(name)
+        loaded = splice_lib.load(name, items[s][1], hook, task, cc.cfg.d_model)
+        sp = splice_lib.Splice(loaded.model, hook, cc, s, task, res.clean[s], res.corrupted[s], h_clean, h_corr)
+        attr = attribute_lib.attribute(sp, methods, ig_steps=ig_steps)
+        made = {m: curves_lib.curves(sp, attr.scores[m], attr.active, draws=draws, seed=seed, max_k=max_k)
+                for m in attr.scores}
+        out[name] = {"attribution": attr, "curves": made}
+        first = made[next(iter(made))]
+        console.say("attribution", f"{name}: metric clean {attr.metric_clean:+.3f} corrupted "
+                    f"{attr.metric_corrupted:+.3f}; {first['active_features']} active features", enabled=progress)
+        del sp, loaded
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A finished run
+
+
+def run_snapshots(workdir: str) -> tuple[list[str], dict[str, str], str, str]:
+    """(snapshot names, {name: directory}, hook, export dir) of the finished run in workdir."""
+    from crossjax import activations
+    from crossjax import workdir as workdir_lib
+    from crossjax.models import snapshot_files
+    from crossjax.summary import RunSummary
+
+    summary = RunSummary.read(workdir)
+    export = os.path.join(workdir, "export")
+    if not os.path.isdir(export):
+        export = summary.export
+    recorded = workdir_lib.read_recorded(workdir)
+    model = (recorded or {}).get("model")
+    if not isinstance(model, dict) or not model.get("hook") or not (model.get("path_template") or model.get("repo")):
+        raise CrossjaxError(f"{workdir}/config.json records no model snapshots (model.hook and model.path_template "
+                            "or model.repo): attribution needs a run over model snapshots, not planted data.")
+    section = ConfigDict(model)
+    all_names, specs = activations.snapshot_specs(section)
+    unknown = [n for n in summary.snapshots if n not in all_names]
+    if unknown:
+        raise CrossjaxError(f"{workdir}/summary.json names snapshots {unknown} that config.json's model.snapshots "
+                            "lacks: the two files come from different runs; rerun the training command to rewrite "
+                            "them.")
+    dirs = {n: str(snapshot_files.resolve_snapshot(*specs[all_names.index(n)],
+                                                   cache_dir=model.get("cache_dir") or None))
+            for n in summary.snapshots}
+    return list(summary.snapshots), dirs, str(model["hook"]), export
+
+
+def analyze_run(workdir: str, task: str, *, snapshots: Sequence[str] | None = None,
+                methods: Sequence[str] = attribute_lib.METHODS, ig_steps: int = 32, draws: int = 3, seed: int = 0,
+                max_k: int | None = None, skip_invalid: bool = False, progress: bool = True) -> dict:
+    """analyze() for the run in workdir and a task (bundled name or .jsonl file), tokenized with the run's
+    tokenizer. Writes <workdir>/attribution/<task>.json (figures and curves) and .npz (scores [S',F] and
+    per-position scores [S',T,F] per method, S' the analyzed snapshots) and returns the JSON's content."""
+    from crossjax import tokens
+    from crossjax.files import atomic_write, atomic_write_text
+    from crossjax.models import snapshot_files
+
+    workdir = os.path.abspath(workdir)
+    names, dirs, hook, export = run_snapshots(workdir)
+    tokenizer = tokens.load_tokenizer(dirs[names[0]])
+    max_len = snapshot_files.read_config(snapshot_files.resolve_snapshot(dirs[names[0]])).max_position_embeddings
+    tokenized = tasks_lib.tokenize(tasks_lib.load_task(task, tokenizer), tokenizer, skip_invalid=skip_invalid,
+                                   max_len=max_len)
+    results = analyze(dirs, export, hook, tokenized, targets=snapshots, methods=methods, ig_steps=ig_steps,
+                      draws=draws, seed=seed, max_k=max_k, progress=progress)
+    out = {"task": tokenized.name, "pairs": tokenized.num_pairs, "skipped": list(tokenized.skipped), "hook": hook,
+           "workdir": workdir, "ig_steps": ig_steps, "draws": draws, "seed": seed,
+           "snapshots": {n: {**r["attribution"].summary(), "curves": r["curves"]} for n, r in results.items()}}
+    base = os.path.join(workdir, OUT_DIR, tokenized.name)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    atomic_write_text(base + ".json", json.dumps(_finite_or_null(out), indent=1) + "\n")
+    arrays = {"snapshots": np.array(list(results))}
+    for m in next(iter(results.values()))["attribution"].scores:
+        arrays[m] = np.stack([r["attribution"].scores[m] for r in results.values()])
+        arrays[f"{m}_per_position"] = np.stack([r["attribution"].per_position[m] for r in results.values()])
+
+    def write_npz(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(base + ".npz", write_npz)
+    out["files"] = [base + ".json", base + ".npz"]
+    return out
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value

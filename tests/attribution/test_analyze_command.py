@@ -1,0 +1,96 @@
+"""python -m crossjax.analyze on a finished run laid out on disk: the table, the files, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+
+from _attribution_cases import crosscoder, snapshots, write_lines
+from crossjax import analyze
+from crossjax import crosscoder as cc
+from crossjax.models import save_hf_snapshot
+from crossjax.summary import RunSummary
+
+S = 2
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture
+def finished_run(tmp_path, word_tokenizer):
+    """A workdir as a finished run leaves it: config.json (model section), summary.json, export/; snapshots on disk."""
+    names = []
+    for name, loaded in snapshots(S).items():
+        save_hf_snapshot(loaded.model, loaded.config, tmp_path / "snaps" / name,
+                         tokenizer_dir=tmp_path / "tok")
+        names.append(name)
+    workdir = tmp_path / "run"
+    params, scales, cfg = crosscoder(S)
+    cc.export_params(params, scales, cfg, str(workdir / "export"))
+    model = {"snapshots": names, "path_template": str(tmp_path / "snaps" / "{snapshot}"), "repo": "", "hook": HOOK,
+             "cache_dir": ""}
+    (workdir / "config.json").write_text(json.dumps({"model": model}))
+    RunSummary(workdir=str(workdir), store="memory://x", steps=1, tokens=1, snapshots=names,
+               num_features=cfg.num_features, init_norm=1.0, scales=scales.tolist(), export=str(workdir / "export"),
+               evolution={}, evals={}).write()
+    task = write_lines(tmp_path / "thou.jsonl", [
+        {"clean": "he said thou", "corrupted": "he said ye", "right": " art", "wrong": " are"},
+        {"clean": "he said ye", "corrupted": "he said thou", "right": " are", "wrong": " art"},
+        {"clean": "Behold , thou", "corrupted": "Behold , ye", "right": " hast", "wrong": " have"}])
+    return workdir, task
+
+
+def test_analyze_prints_the_table_and_writes_the_figures(finished_run, capsys):
+    workdir, task = finished_run
+    assert analyze.main(["analyze", f"--workdir={workdir}", f"--task={task}", "--ig_steps=2", "--draws=2"]) == 0
+    out = capsys.readouterr().out
+    assert "task thou: 3 pairs at blocks.0.hook_resid_post" in out and "k=1" in out
+    lines = out.splitlines()
+    assert lines[2].startswith("step0") and lines[3].startswith("step1")
+    result = json.loads((workdir / "attribution" / "thou.json").read_text())
+    assert list(result["snapshots"]) == ["step0", "step1"] and result["pairs"] == 3
+    s1 = result["snapshots"]["step1"]
+    assert s1["metric_spliced"] == pytest.approx(s1["metric_clean"], abs=1e-4)
+    assert set(s1["curves"]) == {"attribution", "clean_minus_corrupted", "integrated_gradients"}
+    assert f"{s1['metric_clean']:+6.3f}" in lines[3]
+    arrays = np.load(workdir / "attribution" / "thou.npz")
+    assert arrays["attribution"].shape == (S, 24) and arrays["integrated_gradients_per_position"].shape == (S, 4, 24)
+    assert list(arrays["snapshots"]) == ["step0", "step1"]
+    # one snapshot, one method
+    assert analyze.main(["analyze", f"--workdir={workdir}", f"--task={task}", "--snapshots=step1",
+                         "--methods=attribution"]) == 0
+    result = json.loads((workdir / "attribution" / "thou.json").read_text())
+    assert list(result["snapshots"]) == ["step1"] and list(result["snapshots"]["step1"]["curves"]) == ["attribution"]
+
+
+def _fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        analyze.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_naming_the_fix(finished_run, tmp_path, capsys):
+    workdir, task = finished_run
+    bad = write_lines(tmp_path / "bad.jsonl", [json.loads(task.read_text().splitlines()[0]),
+                                               {"clean": "he said thou", "corrupted": "he said ye",
+                                                "right": " art now", "wrong": " are"}])
+    err = _fails(["analyze", f"--workdir={workdir}", f"--task={bad}"], capsys)
+    assert err.startswith(f"crossjax.analyze: error: {bad}:2: the right answer ' art now' is 2 tokens")
+    assert len(err.strip().splitlines()) == 1
+    assert analyze.main(["analyze", f"--workdir={workdir}", f"--task={bad}", "--skip_invalid_pairs",
+                         "--methods=attribution"]) == 0
+    assert "1 pairs" in capsys.readouterr().out
+    err = _fails(["analyze", f"--workdir={workdir}", f"--task={task}", "--snapshots=step7"], capsys)
+    assert "['step7'] to analyze are not among the crosscoder's ['step0', 'step1']" in err
+    (workdir / "summary.json").unlink()
+    err = _fails(["analyze", f"--workdir={workdir}", f"--task={task}"], capsys)
+    assert "summary.json does not exist: the run has not finished" in err
+    assert analyze.main(["analyze", f"--workdir={workdir}"]) == 2
+    assert "--task required" in capsys.readouterr().err
+
+
+def test_a_run_without_model_snapshots_is_refused(finished_run, capsys):
+    workdir, task = finished_run
+    (workdir / "config.json").write_text(json.dumps({"model": {"snapshots": [], "path_template": "", "repo": "",
+                                                               "hook": HOOK}}))
+    err = _fails(["analyze", f"--workdir={workdir}", f"--task={task}"], capsys)
+    assert "records no model snapshots" in err and "planted data" in err
