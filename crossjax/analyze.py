@@ -1,7 +1,15 @@
-"""Attribute a task to the crosscoder's features at each snapshot of a finished run (crossjax.attribution).
+"""The science layer on a finished run: attribute a task to the crosscoder's features at each snapshot
+(crossjax.attribution), and score the features' complexity against when they form (crossjax.complexity).
 
     python -m crossjax.analyze --workdir=/tmp/crossjax_tiny --task=kjv_agreement
     python -m crossjax.analyze --workdir=DIR --task=my_task.jsonl --snapshots=step0,step1600 --ig_steps=64
+    python -m crossjax.analyze --workdir=DIR --complexity=offline
+    python -m crossjax.analyze --workdir=DIR --complexity=anthropic --complexity_model=MODEL --allow_network
+
+--complexity scores --complexity_features emerging features from their top contexts (offline: a formula over the
+contexts; openai/anthropic: an LLM over HTTP with the key from the environment, sent only with --allow_network,
+after printing how many prompts go where; answers cached in DIR/complexity_cache) and prints the correlation of
+emergence step and complexity; everything goes to DIR/complexity_<scorer>.json.
 
 --task is a bundled task (ioi, sva, kjv_agreement, kjv_agreement_vocative, induction) or a .jsonl file of
 clean/corrupted pairs (crossjax/attribution/tasks.py gives the format). It needs no --config: the run's snapshots,
@@ -30,11 +38,20 @@ flags.DEFINE_integer("draws", 3, "random feature sets averaged per k", flag_valu
 flags.DEFINE_integer("seed", 0, "seed of the random feature sets", flag_values=FLAGS)
 flags.DEFINE_integer("max_k", None, "largest k of the curves (default: the number of active features)",
                      flag_values=FLAGS)
+flags.DEFINE_string("complexity", "", "score feature complexity: offline, openai or anthropic", flag_values=FLAGS)
+flags.DEFINE_string("complexity_model", "", "the LLM for --complexity=openai|anthropic", flag_values=FLAGS)
+flags.DEFINE_string("complexity_base_url", "", "the API's base URL (default: the vendor's)", flag_values=FLAGS)
+flags.DEFINE_string("complexity_key_env", "", "environment variable holding the API key (default: the vendor's)",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("allow_network", False, "send prompts to the LLM API (nothing is sent without it)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("complexity_features", 64, "emerging features scored", flag_values=FLAGS)
 flags.DEFINE_bool("skip_invalid_pairs", False, "leave out pairs the run's tokenizer cannot take (a multi-token "
                   "answer, prompts of different lengths) instead of stopping at the first", flag_values=FLAGS)
 
-_USAGE = ("usage: python -m crossjax.analyze --workdir=DIR --task=NAME_OR_FILE [--snapshots=a,b] [--methods=...] "
-          "[--ig_steps=N] [--draws=N] [--max_k=N] [--skip_invalid_pairs]")
+_USAGE = ("usage: python -m crossjax.analyze --workdir=DIR [--task=NAME_OR_FILE [--snapshots=a,b] [--methods=...] "
+          "[--ig_steps=N] [--draws=N] [--max_k=N] [--skip_invalid_pairs]] [--complexity=offline|openai|anthropic "
+          "[--complexity_model=M] [--allow_network]]")
 SHOWN_K = (1, 4, 16, 64)
 
 
@@ -64,6 +81,15 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def complexity_line(out: dict) -> str:
+    c = out["correlation"]
+    if c.get("spearman_r") is None:
+        return f"complexity ({out['scorer']}): {c.get('features', 0)} features scored; no correlation: {c.get('note')}"
+    return (f"complexity ({out['scorer']}) of {c['features']} emerging features against their emergence step: "
+            f"Spearman r {c['spearman_r']:+.3f} (p {c['spearman_p']:.3g}), Pearson r {c['pearson_r']:+.3f} "
+            f"(p {c['pearson_p']:.3g}); scores in complexity_{out['scorer']}.json")
+
+
 def main(argv: list[str]) -> int:
     """argv as sys.argv (program name first); returns the exit code."""
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
@@ -75,18 +101,27 @@ def main(argv: list[str]) -> int:
     except flags.Error as e:
         print(f"crossjax.analyze: error: {e}\n{_USAGE}", file=sys.stderr)
         return 2
-    missing = [f"--{n}" for n in ("workdir", "task") if not FLAGS[n].value]
+    missing = [] if FLAGS.workdir else ["--workdir"]
+    if not (FLAGS.task or FLAGS.complexity):
+        missing.append("--task or --complexity")
     if len(rest) > 1 or missing:
         what = f"unexpected arguments {rest[1:]}" if len(rest) > 1 else f"{' and '.join(missing)} required"
         print(f"crossjax.analyze: error: {what}\n{_USAGE}", file=sys.stderr)
         return 2
 
     def body() -> None:
-        from crossjax.attribution import analyze_run
-        out = analyze_run(FLAGS.workdir, FLAGS.task, snapshots=FLAGS.snapshots or None, methods=FLAGS.methods,
-                          ig_steps=FLAGS.ig_steps, draws=FLAGS.draws, seed=FLAGS.seed, max_k=FLAGS.max_k,
-                          skip_invalid=FLAGS.skip_invalid_pairs)
-        print(table(out))
+        if FLAGS.task:
+            from crossjax.attribution import analyze_run
+            out = analyze_run(FLAGS.workdir, FLAGS.task, snapshots=FLAGS.snapshots or None, methods=FLAGS.methods,
+                              ig_steps=FLAGS.ig_steps, draws=FLAGS.draws, seed=FLAGS.seed, max_k=FLAGS.max_k,
+                              skip_invalid=FLAGS.skip_invalid_pairs)
+            print(table(out))
+        if FLAGS.complexity:
+            from crossjax.complexity.run import score_run
+            out = score_run(FLAGS.workdir, scorer=FLAGS.complexity, model=FLAGS.complexity_model,
+                            base_url=FLAGS.complexity_base_url, key_env=FLAGS.complexity_key_env,
+                            allow_network=FLAGS.allow_network, features=FLAGS.complexity_features, seed=FLAGS.seed)
+            print(complexity_line(out))
 
     cli.run("analyze", body)    # bad input or state: one line and exit code 2
     return 0

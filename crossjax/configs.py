@@ -205,6 +205,7 @@ def eval_config() -> ConfigDict:
         phases_tokens=0,            # evals "phases", model snapshots: > 0 measures each snapshot's loss and KL to the
                                     # corpus unigram/bigram statistics over about this many held-out tokens
         phases_stats_tokens=1_000_000,  # training-split tokens the unigram/bigram statistics are counted over
+        report=False,               # the train command ends by writing workdir/report/ (crossjax.report)
     ))
 
 

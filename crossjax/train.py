@@ -19,6 +19,10 @@ def train() -> None:
     summary = pipeline.run(cli.CONFIG.value, cli.WORKDIR.value)
     if jax.process_index() == 0:
         print(report(summary))
+        if cli.CONFIG.value.eval.report:
+            from crossjax.report import write_report
+            path = write_report(summary.workdir)
+            print(f"report: {path} (open it in a browser: file://{path})")
 
 
 def report(summary) -> str:
@@ -47,6 +51,16 @@ def report(summary) -> str:
             x = spliced[name]
             lines.append(f"{name:<{width}}  {x['clean_loss']:10.4f}  {x['spliced_loss']:12.4f}  "
                          f"{x['zero_ablated_loss']:12.4f}  {x['loss_recovered']:14.3f}")
+    sep = summary.evals.get("separability")
+    if sep and sep.get("median_spearman") is not None:
+        lines.append(f"separability: median Spearman rho between probe AUC and decoder norm over snapshots "
+                     f"{sep['median_spearman']:+.3f} for {len(sep['features'])} features "
+                     f"({100 * sep['fraction_positive']:.0f}% positive)")
+    phases = summary.evals.get("phases")
+    if phases:
+        t = phases["transition"]
+        lines.append(f"two phases: the model is closest to the corpus bigram statistics at {t['snapshot']} "
+                     f"(to the unigram statistics at {t['closest_to_unigram']})")
     evolution = summary.evolution
     if evolution:
         kinds = ", ".join(f"{k} {v}" for k, v in evolution["kinds"].items() if v)

@@ -74,6 +74,7 @@ def get_config(arg: str | None = None):
     config.evals = "heldout,spliced,separability,phases"
     config.eval.phases_tokens = 512 if micro else 8192
     config.eval.phases_stats_tokens = 4096 if micro else 200_000
+    config.eval.report = not micro          # the train command ends by writing runs/tiny/report/index.html
     if micro:
         config.tokens.num_tokens = 4096
         config.store.block_rows = 512

@@ -260,6 +260,14 @@ def test_micro_pipeline_suite_to_summary(built, tmp_path, monkeypatch):
     assert curves["step48"]["kl_unigram"] < curves["step0"]["kl_unigram"]
     assert on_disk.evals["phases"]["transition"]["snapshot"] in curves
     assert len(on_disk.evals["separability"]["snapshots"]) == 4
+    # complexity of emerging features from their top contexts (the offline scorer), against when they form
+    from crossjax import analyze
+    assert analyze.main(["analyze", f"--workdir={tmp_path / 'work'}", "--complexity=offline",
+                         "--complexity_features=12"]) == 0
+    scored = json.loads((tmp_path / "work" / "complexity_offline.json").read_text())
+    assert (tmp_path / "work" / "index").exists() and len(scored["scores"]) == len(scored["features"]) > 0
+    assert all(1 <= sc["complexity"] <= 5 for sc in scored["scores"])
+    assert scored["correlation"]["features"] + scored["correlation"]["failed"] == len(scored["features"])
     # The store holds activations of exactly the suite's snapshots (content hashes of the saved weights).
     store = store_lib.ActivationStore.open(on_disk.store)
     want = [model_load.load_snapshot(str(built / n)).content_hash for n in config.model.snapshots]

@@ -1,0 +1,84 @@
+"""A finished run as a browsable report: PNG figures and a static site that opens from the file system.
+
+    python -m crossjax.report --workdir=DIR            # or: crossjax.report.write_report("DIR")
+
+writes DIR/report/index.html (open it in a browser; no network, no server) with
+
+- figures (plots/*.png): the normalised decoder norms of every live feature sorted by emergence, the emergence
+  histogram over training steps (symlog axis), the clusters' mean strength curves, the S x S rotation matrix
+  (all live features and per kind), held-out EV and L0 per snapshot, EV against L0 for the crosscoder and the
+  per-snapshot SAEs (when `python -m crossjax.compare` has run), separability AUC against decoder norm (when
+  config.evals has separability). A figure whose input is missing is listed with the reason instead;
+- a feature table (kind, emergence snapshot and step, cluster, frequency, separability, peak norm), sortable
+  and filterable, paged so that 100,000 features stay a few MB in files of about 60 KB;
+- feature.html?id=N for every feature: its strength curve (and probe AUC when sampled), kind, cluster,
+  separability and its top contexts at each snapshot with the firing token marked.
+
+Inputs: DIR/summary.json, DIR/export (crossjax/report/inputs.py), DIR/compare.json when present, and a
+FeatureIndex over the run's store for frequencies and contexts (crossjax/report/contexts.py; saved in
+DIR/report/feature_index and reused by the next report of the same weights). Contexts are kept for the
+`context_features` most frequent features plus the separability sample; the other features' pages say so.
+Layout of the site: crossjax/report/site.py. The new report replaces the old one only once it is complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from crossjax import console
+from crossjax.errors import CrossjaxError
+
+REPORT_DIR = "report"
+
+
+def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_features: int = 200,
+                 contexts_per_snapshot: int = 10, index_rows: int = 131072, progress: bool = True) -> str:
+    """Write workdir/report/ from a finished run and return the path of its index.html (module docstring).
+
+    contexts: collect frequencies and top contexts (one pass of a FeatureIndex over up to `index_rows` store rows;
+    False leaves them out). context_features: how many of the most frequent features get contexts (plus the
+    separability sample). contexts_per_snapshot: examples kept per feature. Call it on process 0 only.
+    CrossjaxError when the run is unfinished or its files are damaged."""
+    from crossjax.report import contexts as contexts_lib
+    from crossjax.report import inputs, plots, site
+
+    for name, value in (("context_features", context_features), ("contexts_per_snapshot", contexts_per_snapshot),
+                        ("index_rows", index_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "context_features" else 1):
+            raise CrossjaxError(f"report option {name}={value!r} must be a "
+                                f"{'non-negative' if name == 'context_features' else 'positive'} integer")
+    data = inputs.load(os.fspath(workdir))
+    report = os.path.join(data.workdir, REPORT_DIR)
+    staging = report + ".partial"            # a report stopped half way: ours to clear
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, "plots"))
+    console.say("report", f"figures for {data.num_features} features over {len(data.snapshots)} snapshots",
+                enabled=progress)
+    figures = plots.write_all(data, os.path.join(staging, "plots"))
+    collected, note = None, "frequencies and top contexts: left out (contexts=False)"
+    if contexts:
+        try:
+            collected = contexts_lib.collect(data, features=context_features, per_snapshot=contexts_per_snapshot,
+                                             rows=index_rows, old_report=report if os.path.isdir(report) else None,
+                                             new_report=staging, progress=progress)
+            note = (f"Top contexts were collected for the {context_features} most frequent features and the "
+                    "features sampled for separability (python -m crossjax.report --context_features=N for more); "
+                    "this feature is not among them.")
+        except CrossjaxError as e:
+            note = f"frequencies and top contexts: left out, no feature index over the run's store ({e})"
+            console.say("report", note, enabled=progress)
+    site.write_site(data, figures, collected, note, staging)
+    _replace(staging, report)
+    index = os.path.join(report, "index.html")
+    console.say("report", f"wrote {index}", enabled=progress)
+    return index
+
+
+def _replace(new: str, old: str) -> None:
+    """Put the finished directory `new` where `old` is; the old report is removed only after the swap."""
+    previous = old + ".old"
+    shutil.rmtree(previous, ignore_errors=True)
+    if os.path.exists(old):
+        os.replace(old, previous)
+    os.replace(new, old)
+    shutil.rmtree(previous, ignore_errors=True)

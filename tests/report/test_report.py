@@ -1,0 +1,260 @@
+"""The report of a finished run: its files, figures and data agree with the run; missing inputs are left out
+with the reason; damaged ones are clear errors that keep the previous report."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _procs import child_env
+from crossjax import crosscoder
+from crossjax.analysis import evolution
+from crossjax.errors import CrossjaxError
+from crossjax.report import write_report
+
+FIGURES = ("strength", "emergence", "clusters", "rotation", "heldout", "separability")
+
+
+def read_data(report: str, kind: str, n: int = 0):
+    """The value a data/<kind>/ script (or data/meta.js) passes to crossjaxData."""
+    path = os.path.join(report, "data", "meta.js") if kind == "meta" else \
+        os.path.join(report, "data", kind, f"{kind}_{n:05d}.js")
+    text = open(path, encoding="utf-8").read().strip()
+    head = f'crossjaxData("{kind}",{n},'
+    assert text.startswith(head) and text.endswith(");"), path
+    return json.loads(text[len(head):-2])
+
+
+def all_rows(report: str) -> list[list]:
+    meta = read_data(report, "meta")
+    return [r for p in range(meta["num_pages"]) for r in read_data(report, "table", p)]
+
+
+def column(report: str, key: str) -> list:
+    keys = [c["key"] for c in read_data(report, "meta")["columns"]]
+    return [r[keys.index(key)] for r in all_rows(report)]
+
+
+def assert_png(path: str) -> None:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+def test_report_files_figures_and_table_agree_with_the_run(copy_run):
+    index = write_report(copy_run, progress=False)
+    report = os.path.dirname(index)
+    assert index == os.path.join(copy_run, "report", "index.html")
+    for name in FIGURES:
+        assert_png(os.path.join(report, "plots", f"{name}.png"))
+    assert not os.path.exists(os.path.join(report, "plots", "ev_l0.png"))      # no compare.json in this run
+    page = open(index, encoding="utf-8").read()
+    assert 'id="plot-ev_l0"' in page and "no compare.json" in page
+    assert "http://" not in page and "https://" not in page                    # nothing from the network
+
+    from crossjax.summary import RunSummary
+    summary = RunSummary.read(copy_run)
+    params, _, _ = crosscoder.load_exported(os.path.join(copy_run, "export"))
+    norms = evolution.decoder_norms(params["W_dec"])
+    meta = read_data(report, "meta")
+    assert meta["num_features"] == summary.num_features == len(all_rows(report))
+    assert column(report, "kind") == evolution.classify_kinds(norms).tolist()
+    assert column(report, "emerges") == evolution.emergence_snapshot(norms).tolist()
+    clusters = [c for c in column(report, "cluster") if c is not None]
+    assert np.bincount(clusters).tolist() == summary.evolution["clusters"]["sizes"]
+    sep = summary.evals["separability"]
+    rho = column(report, "separability")
+    for f, r in zip(sep["features"], sep["spearman"]):
+        assert rho[f] == r
+    assert sum(r is not None for r in rho) == sum(r is not None for r in sep["spearman"])
+    freq = column(report, "frequency")
+    assert all(0 <= v <= 1 for v in freq) and max(freq) > 0
+    # every feature has a record with its strength curve; the separability sample has its AUC curve
+    record = read_data(report, "feature", 0)
+    assert len(record) == summary.num_features
+    np.testing.assert_allclose([r["s"] for r in record], evolution.normalised_strength(norms).T, atol=1e-4)
+    for i, f in enumerate(sep["features"]):
+        np.testing.assert_allclose(record[f]["auc"], sep["auc"][i], atol=1e-3)
+        assert record[f]["ctx"] is not None                                    # its page shows contexts
+
+
+def test_contexts_per_snapshot_equal_a_brute_force_pass(copy_run, finished_run):
+    """Each snapshot's top contexts are the rows with the largest activation f[b, s, i] over the whole store."""
+    import jax.numpy as jnp
+
+    from crossjax.store import ActivationStore
+    export = os.path.join(copy_run, "export")
+    params, scales, cfg = crosscoder.load_exported(export)
+    store = ActivationStore.open(finished_run[1])
+    x = store.read_rows(0, store.num_rows)
+    h = np.asarray(crosscoder.encode({k: jnp.asarray(v) for k, v in params.items()},
+                                     crosscoder.normalize(x, scales)))                       # [N, F]
+    # weaken features 0-15 at snapshot 0 and 16-31 at snapshot 1 so that their gate h n > theta opens on only
+    # their top 2 (snapshot 0) or 4 (snapshot 1) rows there
+    theta = np.exp(params["log_threshold"])
+    for s, features, keep in ((0, range(16), 2), (1, range(16, 32), 4)):
+        for f in features:
+            top = np.sort(h[:, f])[::-1]
+            w = params["W_dec"][s, f]
+            params["W_dec"][s, f] = w / np.linalg.norm(w) * theta[f] / ((top[keep - 1] + top[keep]) / 2)
+    crosscoder.export_params(params, scales, cfg, export)
+    report = os.path.dirname(write_report(copy_run, contexts_per_snapshot=6, progress=False))
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    acts = np.asarray(crosscoder.activate(p, crosscoder.encode(p, crosscoder.normalize(x, scales)), cfg))  # [N,S,F]
+    records = read_data(report, "feature", 0)
+    checked = partial = 0
+    for f, rec in enumerate(records):
+        if rec["ctx"] is None:
+            continue
+        partial += 0 < min(rec["ctx"]["fires"]) < len(rec["ctx"]["ex"])
+        for s in range(cfg.num_snapshots):
+            a = acts[:, s, f]
+            firing = np.flatnonzero(a > 0)
+            want = firing[np.lexsort((firing, -a[firing]))][:6]
+            got = [e[0] for e in rec["ctx"]["ex"][:rec["ctx"]["fires"][s]]]
+            assert got == want.tolist(), (f, s)
+            checked += 1
+    assert checked >= 5 * cfg.num_snapshots and partial >= 20     # some snapshots keep only some of the top rows
+    # the firing token is the row's stored token (planted stores: the row id)
+    ex = next(r for r in records if r["ctx"] and r["ctx"]["ex"])["ctx"]["ex"][0]
+    assert ex[3] == f"#{int(store.read_tokens(ex[0], ex[0] + 1)['token_ids'][0])}"
+
+
+def test_compare_json_adds_the_ev_l0_figure_and_a_bad_one_is_left_out(copy_run):
+    from crossjax.summary import RunSummary
+    summary = RunSummary.read(copy_run)
+    s = len(summary.snapshots)
+    good = {"snapshots": summary.snapshots, "crosscoder": {"ev": summary.heldout["ev"], "l0": summary.heldout["l0"]},
+            "sae": {"ev": [0.5] * s, "l0": [3.0] * s}, "store": summary.store, "steps": summary.steps}
+    path = os.path.join(copy_run, "compare.json")
+    with open(path, "w") as f:
+        json.dump(good, f)
+    report = os.path.dirname(write_report(copy_run, contexts=False, progress=False))
+    assert_png(os.path.join(report, "plots", "ev_l0.png"))
+
+    for damage, message in ((lambda t: t[: len(t) // 2], "unreadable"),
+                            (lambda t: t.replace(f'"steps": {summary.steps}', '"steps": 7'), "from another run")):
+        with open(path, "w") as f:
+            f.write(damage(json.dumps(good)))
+        index = write_report(copy_run, contexts=False, progress=False)
+        assert not os.path.exists(os.path.join(os.path.dirname(index), "plots", "ev_l0.png"))
+        page = open(index, encoding="utf-8").read()
+        assert message in page and "python -m crossjax.compare" in page
+
+
+def test_figures_without_their_inputs_are_skipped_with_the_reason(copy_run):
+    path = os.path.join(copy_run, "summary.json")
+    raw = json.load(open(path))
+    raw["evals"] = {}                                   # no held-out evaluation, no separability
+    raw["evolution"]["clusters"] = {"k": 0, "sizes": [], "mean_curves": [], "inertia": 0.0}
+    json.dump(raw, open(path, "w"))
+    index = write_report(copy_run, contexts=False, progress=False)
+    plots = os.path.join(os.path.dirname(index), "plots")
+    assert sorted(os.listdir(plots)) == ["emergence.png", "rotation.png", "strength.png"]
+    page = open(index, encoding="utf-8").read()
+    for reason in ("add heldout to config.evals", "add separability to config.evals", "no clusters",
+                   "no compare.json", "contexts=False"):
+        assert reason in page
+    keys = [c["key"] for c in read_data(os.path.dirname(index), "meta")["columns"]]
+    assert "separability" not in keys and "frequency" not in keys
+
+
+def test_a_missing_store_leaves_contexts_out_and_says_why(copy_run, tmp_path):
+    path = os.path.join(copy_run, "summary.json")
+    raw = json.load(open(path))
+    raw["store"] = str(tmp_path / "moved-away")
+    json.dump(raw, open(path, "w"))
+    index = write_report(copy_run, progress=False)
+    page = open(index, encoding="utf-8").read()
+    assert "left out, no feature index" in page and "moved-away" in page
+    meta = read_data(os.path.dirname(index), "meta")
+    assert not meta["has_frequency"] and "moved-away" in meta["contexts_note"]
+
+
+def test_the_saved_feature_index_is_reused_only_when_it_fits(copy_run, monkeypatch):
+    from crossjax.analysis import lookup
+    write_report(copy_run, progress=False)
+    saved = os.path.join(copy_run, "report", "feature_index")
+    assert os.path.isfile(os.path.join(saved, "feature_index.npz"))
+
+    def no_build(*args, **kwargs):
+        raise CrossjaxError("build called")
+    monkeypatch.setattr(lookup.FeatureIndex, "build", classmethod(no_build))
+    index = write_report(copy_run, progress=False)                          # same settings: loaded
+    assert read_data(os.path.dirname(index), "meta")["has_frequency"]
+    index = write_report(copy_run, contexts_per_snapshot=30, progress=False)   # more examples: rebuilt
+    assert "build called" in open(index, encoding="utf-8").read()
+
+
+def test_missing_summary_is_an_error_naming_the_fix(tmp_path):
+    with pytest.raises(CrossjaxError, match="has not finished.*crossjax.train"):
+        write_report(tmp_path)
+    assert not os.path.exists(tmp_path / "report")
+
+
+def test_damaged_export_is_an_error_and_the_previous_report_stays(copy_run):
+    index = write_report(copy_run, contexts=False, progress=False)
+    before = open(index, encoding="utf-8").read()
+    weights = os.path.join(copy_run, "export", crosscoder.EXPORT_WEIGHTS)
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(CrossjaxError, match="export it again"):
+        write_report(copy_run, progress=False)
+    assert open(index, encoding="utf-8").read() == before
+
+
+def test_a_report_stopped_half_way_keeps_the_old_one_and_the_next_finishes(copy_run, monkeypatch):
+    from crossjax.report import site
+    index = write_report(copy_run, contexts=False, progress=False)
+    before = open(index, encoding="utf-8").read()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(site, "write_site", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write_report(copy_run, contexts=False, progress=False)
+    assert open(index, encoding="utf-8").read() == before
+    assert os.path.isdir(os.path.join(copy_run, "report.partial"))
+    assert write_report(copy_run, contexts=False, progress=False) == index
+    assert not os.path.exists(os.path.join(copy_run, "report.partial"))
+    assert not os.path.exists(os.path.join(copy_run, "report.old"))
+
+
+def test_bad_options_are_errors():
+    for kwargs in ({"context_features": -1}, {"index_rows": 0}, {"contexts_per_snapshot": 2.5}):
+        with pytest.raises(CrossjaxError, match="report option"):
+            write_report("/nonexistent", **kwargs)
+
+
+def test_command_writes_the_report_and_bad_input_exits_2(copy_run, tmp_path):
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "crossjax.report", *args], capture_output=True, text=True,
+                              env=child_env(1), timeout=300)
+    done = command(f"--workdir={copy_run}", "--nocontexts")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(f"report: {copy_run}/report/index.html (file://")
+    for args, message in (((f"--workdir={tmp_path / 'none'}",), "has not finished"),
+                          ((), "--workdir is required"), ((f"--workdir={copy_run}", "--bogus=1"), "bogus")):
+        bad = command(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_contexts_are_decoded_with_the_runs_tokenizer(copy_run, tmp_path):
+    import tokenizers
+    from tokenizers.models import WordLevel
+    tok = tokenizers.Tokenizer(WordLevel({f"w{i}": i for i in range(5000)}, unk_token="w0"))
+    (tmp_path / "snap_planted_0").mkdir()
+    tok.save(str(tmp_path / "snap_planted_0" / "tokenizer.json"))
+    path = os.path.join(copy_run, "config.json")
+    config = json.load(open(path))
+    config["model"]["path_template"] = str(tmp_path / "snap_{snapshot}")
+    json.dump(config, open(path, "w"))
+    report = os.path.dirname(write_report(copy_run, progress=False))
+    examples = [e for r in read_data(report, "feature", 0) if r["ctx"] for e in r["ctx"]["ex"]]
+    assert examples and all(e[3] == f"w{e[0]}" for e in examples)      # planted stores: token id = row id
+    assert "token ids" not in open(os.path.join(report, "index.html"), encoding="utf-8").read()
