@@ -1,8 +1,12 @@
 """Analyses of a trained crosscoder.
 
-- evolution: decoder-norm strength, emergence, kinds and rotation per feature (numpy only);
-- lookup: FeatureIndex, per-feature statistics and top activating rows over an activation store (its one pass
-  over the store: index_build);
+- evolution: decoder-norm strength, emergence, kinds and rotation per feature (numpy only); trajectories: clusters
+  of strength curves, the S x S rotation matrix, emergence by training step;
+- lookup: FeatureIndex, per-feature statistics, histograms and top activating rows (per snapshot) over an
+  activation store (its one pass over the store: index_build, activation_histograms); feature_table:
+  `index.table()`; new_text: `index.run(text)`, which features fire on new text at each snapshot;
+- recovery: planted truth against learned directions; separability: linear probes against decoder norms;
+  phases: the LM's loss and KL to corpus n-gram statistics per snapshot;
 - spliced: the LM's loss with the hook's residual replaced by the crosscoder's reconstruction.
 
 ``from crossjax.analysis import FeatureIndex, spliced_loss`` works; the modules load on first use, so importing
@@ -15,6 +19,8 @@ _LAZY = {
     "FeatureIndex": "crossjax.analysis.lookup",
     "FeatureReport": "crossjax.analysis.lookup",
     "Example": "crossjax.analysis.lookup",
+    "Histogram": "crossjax.analysis.lookup",
+    "TextActivations": "crossjax.analysis.new_text",
     "spliced_loss": "crossjax.analysis.spliced",
 }
 

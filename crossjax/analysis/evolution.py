@@ -112,8 +112,8 @@ def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, thresh
     by_step = trajectories.emergence_by_step(np.where(emergent, emergence, -1), names)
     live = kinds != KIND_DEAD
 
-    def matrix(m):
-        return [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in m]
+    def matrix(m):      # NaN where no feature counts (written as null in summary.json)
+        return np.round(m, 6).tolist()
 
     return {
         "kinds": {kind: int(np.sum(kinds == kind)) for kind in KINDS},

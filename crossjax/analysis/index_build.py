@@ -1,15 +1,22 @@
 """Building a FeatureIndex: one streaming pass of an exported crosscoder over an activation store.
 
-`scan` reads the store ``batch_rows`` rows at a time (memory: one batch plus the per-feature statistics), then
-the store's token arrays only (12 bytes per row) to collect the tokens around every top example. Statistics per
-feature: how often it is active (per snapshot too, for JumpReLU's per-snapshot gates), its mean activation when
-active, the ``top_k`` rows with the largest activation (ties: the lower row, by a streaming top-k merge), and the
-decoder-norm evolution (crossjax.analysis.evolution).
+`scan` reads the store ``batch_rows`` rows at a time (memory: one batch plus the per-feature statistics, none of
+which grows with the store), then the store's token arrays only (12 bytes per row) to collect the tokens around
+every top example. Statistics per feature: how often it is active (per snapshot too, for JumpReLU's per-snapshot
+gates), its mean activation when active, the ``top_k`` rows with the largest activation (ties: the lower row, by a
+streaming top-k merge) with the snapshots whose gate opens on each, activation histograms per snapshot
+(crossjax.analysis.activation_histograms), and the decoder-norm evolution (crossjax.analysis.evolution).
 
 A feature's activation on a row is its value in crosscoder.forward: relu/topk/batchtopk give one value per row;
 for JumpReLU the value f[b,s,i] = h[b,i] 1[h n[s,i] > theta_i] is h in every snapshot whose gate opens, so the
 row's activation is h when the gate opens in any snapshot and 0 otherwise. BatchTopK activations depend on the
 batch; the scan uses consecutive batches of ``batch_rows`` rows.
+
+Top rows per snapshot: the gate at snapshot s opens when h n[s,i] > theta_i, which for rows ordered by h holds for a
+leading run of them. So the rows firing at s with the largest h are the feature's top rows whose gate opens at s:
+the snapshot's own top-k (fewer where fewer rows fire there). The scan keeps, with each top row, the gate of every
+snapshot as the step computed it (``top_gate [F,k,S]``: memory F x k x S bytes, flat in the store's size); shared
+activations (relu, topk, batchtopk) fire in every snapshot at once.
 
 The export and the store are found from a training workdir (export/ + summary.json) or an export directory.
 """
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossjax import console, crosscoder
-from crossjax.analysis import evolution
+from crossjax.analysis import activation_histograms, evolution
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
 from crossjax.summary import SUMMARY_FILE, RunSummary
@@ -50,13 +57,14 @@ class Scan(NamedTuple):
 # k = top_k; the two window arrays share one length).
 _INFO_TYPES = {"snapshots": list, "num_features": int, "rows_scanned": int, "top_k": int, "window": int,
                "batch_rows": int, "emergence_threshold": (int, float), "export_dir": str, "export_sha256": str,
-               "store_url": str, "store_meta_sha256": str}
+               "store_url": str, "store_meta_sha256": str, "histogram_bins": int}
 TOP_ARRAYS = ("top_value", "top_row", "top_context", "top_position", "top_token")
 
 
 def array_shapes(info: dict) -> dict[str, tuple[int, ...]]:
     f, s, k = info["num_features"], len(info["snapshots"]), info["top_k"]
     return {"count": (f,), "act_sum": (f,), "count_per_snapshot": (s, f), **{n: (f, k) for n in TOP_ARRAYS},
+            "top_gate": (f, k, s), "histogram_counts": (s, f, info["histogram_bins"]), "histogram_exponent": (f,),
             "norms": (s, f), "consecutive_cosine": (max(s - 1, 0), f), "cosine_to_final": (s, f)}
 
 
@@ -66,9 +74,10 @@ def check_index(arrays: dict[str, np.ndarray], info, where: str) -> None:
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or info.get("version") != INDEX_VERSION:
         raise CrossjaxError(f"{where}: the settings are not a version-{INDEX_VERSION} {INDEX_FORMAT}; {fix}.")
     bad = [k for k, t in _INFO_TYPES.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]
-    if bad or not all(isinstance(n, str) for n in info["snapshots"]) or info["num_features"] < 1 or info["top_k"] < 1:
-        raise CrossjaxError(f"{where}: the settings {bad or ['snapshots', 'num_features', 'top_k']} are missing or "
-                            f"malformed; {fix}.")
+    if bad or not all(isinstance(n, str) for n in info["snapshots"]) or info["num_features"] < 1 or info["top_k"] < 1 \
+            or info["histogram_bins"] < 1:
+        raise CrossjaxError(f"{where}: the settings {bad or ['snapshots', 'num_features', 'top_k', 'histogram_bins']} "
+                            f"are missing or malformed; {fix}.")
     columns, context_len = info.get("store_columns"), info.get("context_len")
     if not (columns is None or (isinstance(columns, list) and len(columns) == len(info["snapshots"])
                                 and all(isinstance(c, int) and c >= 0 for c in columns))) \
@@ -98,6 +107,7 @@ class TrainedOn(NamedTuple):
     """What the run's summary.json says the crosscoder was trained on."""
     store: str                 # the activation store's URL ("" when the summary names none)
     snapshots: list[str] | None  # the store's snapshots it was trained on, in order (None: not recorded)
+    workdir: str = ""          # the run's workdir as it is now (holding summary.json and config.json)
 
 
 def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
@@ -139,7 +149,7 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
     store = summary.store
     if store and "://" not in store and not os.path.exists(store):  # gone: look inside the workdir as it is now
         store = _same_place(store, summary.workdir, workdir) or store
-    return export, TrainedOn(store, list(snapshots))
+    return export, TrainedOn(store, list(snapshots), str(workdir.resolve()))
 
 
 def _same_place(recorded: str, recorded_workdir: str, workdir: Path) -> str | None:
@@ -206,36 +216,37 @@ def number_arg(where: str, name: str, value, *, low: float, high: float) -> floa
 
 
 def _feature_values(params, x, cfg: crosscoder.CrosscoderConfig):
-    """x [B,S,D] normalised -> (a [B,F] activation per row, active_per_snapshot [S,F] int32 counts over the batch)."""
+    """x [B,S,D] normalised -> (a [B,F] activation per row, values [B,S',F] per snapshot: S' = S for JumpReLU's
+    per-snapshot gates, 1 for activations shared by every snapshot)."""
     h = crosscoder.encode(params, x)
     acts = crosscoder.activate(params, h, cfg)
     if acts.ndim == 3:  # jumprelu, gated per snapshot: [B,S,F]; open gates carry h > 0
-        gate = acts > 0
-        a = jnp.where(jnp.any(gate, axis=1), h, 0.0)
-        per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
-    else:
-        a = acts
-        per_snapshot = jnp.broadcast_to(jnp.sum(a > 0, axis=0, dtype=jnp.int32), (cfg.num_snapshots, a.shape[1]))
-    return a, per_snapshot
+        return jnp.where(jnp.any(acts > 0, axis=1), h, 0.0), acts
+    return acts, acts[:, None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _scan_step(top, params, acts, scales, rows, context_ids, positions, token_ids, *, cfg, k):
-    """Folds one batch (acts [B,S,D] storage dtype, token arrays [B]) into the running top-k `top` ({.. [F,k]}).
+def _scan_step(top, hist, params, acts, scales, rows, context_ids, positions, token_ids, *, cfg, k):
+    """Folds one batch (acts [B,S,D] storage dtype, token arrays [B]) into the running top-k `top` ({.. [F,k]},
+    gate [F,k,S]) and the histograms `hist` (activation_histograms).
 
-    Returns (top, count [F], act_sum [F], per_snapshot [S,F]) with the batch's own counts and sums.
+    Returns (top, hist, count [F], act_sum [F], per_snapshot [S,F]) with the batch's own counts and sums.
     """
-    a, per_snapshot = _feature_values(params, crosscoder.normalize(acts, scales), cfg)
+    a, values = _feature_values(params, crosscoder.normalize(acts, scales), cfg)
     active = a > 0
+    gate = jnp.broadcast_to(values > 0, (a.shape[0], cfg.num_snapshots, a.shape[1]))  # [B,S,F]
     cand = jnp.where(active, a, -jnp.inf).T  # [F,B]; inactive rows never enter the top-k
     vals, idx = jax.lax.top_k(cand, min(k, cand.shape[1]))
     batch = {"value": vals, "row": rows[idx], "context": context_ids[idx], "position": positions[idx],
-             "token": token_ids[idx]}
+             "token": token_ids[idx],
+             "gate": jnp.take_along_axis(jnp.transpose(gate, (2, 0, 1)), idx[:, :, None], axis=1)}
     # running entries first: they hold lower rows, and top_k keeps the lower index among equal values
     merged = {n: jnp.concatenate([top[n], batch[n]], axis=1) for n in top}
     _, pick = jax.lax.top_k(merged["value"], k)
-    top = {n: jnp.take_along_axis(v, pick, axis=1) for n, v in merged.items()}
-    return top, jnp.sum(active, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0), per_snapshot
+    top = {n: jnp.take_along_axis(v, pick if v.ndim == 2 else pick[:, :, None], axis=1) for n, v in merged.items()}
+    hist = activation_histograms.update(hist, values)
+    per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
+    return top, hist, jnp.sum(active, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0), per_snapshot
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -278,10 +289,11 @@ def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool
 
 
 def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max_rows: int | None, top_k: int,
-         batch_rows: int, window: int, emergence_threshold: float, progress: bool) -> Scan:
+         batch_rows: int, window: int, emergence_threshold: float, histogram_bins: int, progress: bool) -> Scan:
     """The arrays and settings of a FeatureIndex (arguments: FeatureIndex.build)."""
     where = "FeatureIndex.build"
     top_k, batch_rows = (integer_arg(where, n, v, low=1) for n, v in (("top_k", top_k), ("batch_rows", batch_rows)))
+    histogram_bins = activation_histograms.check_bins(where, histogram_bins)
     window = integer_arg(where, "window", window, low=0)
     max_rows = None if max_rows is None else integer_arg(where, "max_rows", max_rows, low=1, none_ok=True)
     emergence_threshold = number_arg(where, "emergence_threshold", emergence_threshold, low=0.0, high=1.0)
@@ -310,6 +322,9 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
     top = {"value": jnp.full((f, top_k), -jnp.inf, jnp.float32)}
     for name in ("row", "context", "position", "token"):
         top[name] = jnp.full((f, top_k), -1, jnp.int32)
+    top["gate"] = jnp.zeros((f, top_k, cfg.num_snapshots), bool)
+    hist = activation_histograms.init(cfg.num_snapshots if cfg.activation == "jumprelu" else 1, f, histogram_bins)
+    hist_totals = activation_histograms.Totals(hist)
     count = np.zeros(f, np.int64)
     act_sum = np.zeros(f, np.float64)
     per_snapshot = np.zeros((cfg.num_snapshots, f), np.int64)
@@ -319,8 +334,9 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
         acts = read_columns(store, a, b, columns)
         t = store.read_tokens(a, b)
         rows = np.arange(a, b, dtype=np.int32)
-        top, c, s, ps = _scan_step(top, params, acts, scales_j, rows, t["context_ids"], t["positions"],
-                                   t["token_ids"], cfg=cfg, k=int(top_k))
+        top, hist, c, s, ps = _scan_step(top, hist, params, acts, scales_j, rows, t["context_ids"], t["positions"],
+                                         t["token_ids"], cfg=cfg, k=int(top_k))
+        hist = hist_totals.add(hist, b - a, min(batch_rows, n - b))
         count += np.asarray(c)  # host accumulators: exact counts, float64 sums over many batches
         act_sum += np.asarray(s, np.float64)
         per_snapshot += np.asarray(ps)
@@ -332,6 +348,8 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
     top["value"][empty] = 0.0
     for name in ("row", "context", "position", "token"):
         top[name][empty] = -1
+    top["gate"][empty] = False
+    hist_counts, hist_exponent = hist_totals.result(hist)
     filled = ~empty
     wanted = window_keys(top["context"][filled], top["position"][filled], int(window))
     if len(wanted):
@@ -344,6 +362,10 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
         "count": count, "act_sum": act_sum, "count_per_snapshot": per_snapshot,
         "top_value": top["value"].astype(np.float32), "top_row": top["row"].astype(np.int64),
         "top_context": top["context"], "top_position": top["position"], "top_token": top["token"],
+        "top_gate": top["gate"].astype(np.uint8),
+        # shared activations: one histogram, the same at every snapshot
+        "histogram_counts": np.broadcast_to(hist_counts, (cfg.num_snapshots, *hist_counts.shape[1:])).copy(),
+        "histogram_exponent": hist_exponent,
         "norms": evolution.decoder_norms(w_dec),
         "consecutive_cosine": evolution.consecutive_cosine(w_dec).reshape(max(cfg.num_snapshots - 1, 0), f),
         "cosine_to_final": evolution.cosine_to_snapshot(w_dec, -1),
@@ -358,6 +380,11 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
         "window": int(window), "emergence_threshold": float(emergence_threshold),
         "context_len": store.meta.context_len, "export_dir": str(export.resolve()),
         "export_sha256": file_sha256(export / crosscoder.EXPORT_WEIGHTS), "store_url": store.url,
-        "store_meta_sha256": hashlib.sha256(store.meta.to_json()).hexdigest(),
+        "store_meta_sha256": hashlib.sha256(store.meta.to_json()).hexdigest(), "histogram_bins": histogram_bins,
+        # what FeatureIndex.run needs to reproduce the stored rows from new text, without the store
+        "workdir": trained_on.workdir if trained_on else "", "hook": store.meta.hook, "store_dtype": store.meta.dtype,
+        "snapshot_hashes": (None if store.meta.snapshot_hashes is None else
+                            [store.meta.snapshot_hashes[i] for i in (columns or range(store.meta.num_snapshots))]),
+        "tokenizer_sha256": (store.meta.extra.get("tokenizer") or {}).get("sha256"),
     }
     return Scan(arrays, info, (params, scales_j, cfg), store)

@@ -4,18 +4,23 @@
     index.save("runs/tiny/feature_index"); index = FeatureIndex.load("runs/tiny/feature_index")
     report = index.feature(12)                                   # frequency, norms per snapshot, kind, top examples
     index.top_examples(12, k=5, tokenizer="snapshots/step143000/tokenizer.json")
+    index.top_examples(12, snapshot="step1000")                  # the rows it fires on most at that snapshot
+    index.histogram(12)                                          # its activation histogram at each snapshot
     index.search(emerged_at="step1000", kind="emergent", min_frequency=1e-4)
     index.features_for_row(4711)
+    index.table()                                                # pandas: kind, emergence, cluster, frequency, ...
+    print(index.run("The cat sat on the mat."))                  # the features of new text, per token and snapshot
 
 `build` makes one streaming pass over the activation store (crossjax/analysis/index_build.py says what it
 collects and how a feature's activation on a row is defined). Rows are the store's rows: the activation
 generator shuffles them at write time, so ``max_rows`` scans a random sample. This module holds the index and its
-queries: per-feature reports, top examples with their context windows, search, and the features of one row.
+queries: per-feature reports, top examples with their context windows (per snapshot too), histograms, search, the
+features of one row; the feature table (crossjax/analysis/feature_table.py) and runs on new text
+(crossjax/analysis/new_text.py) are built on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossjax import crosscoder
-from crossjax.analysis import evolution
-from crossjax.analysis import index_build
+from crossjax.analysis import activation_histograms, evolution, index_build
+from crossjax.analysis.index_results import Example, FeatureReport, Histogram
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write, atomic_write_text
 from crossjax.snapshot_names import index_of
@@ -40,57 +45,7 @@ from crossjax.tokens import open_tokenizer
 INDEX_ARRAYS = "feature_index.npz"
 INDEX_META = "feature_index.json"
 _NO_TOKEN = -1  # window slot whose (context, position) holds no stored row (BOS, padding, special tokens)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One activating row and the tokens around it in its context.
-
-    positions/tokens: the window of positions around ``position`` in the same context, in order; a token is -1
-    where the store holds no row for that position (BOS, padding and special tokens are not stored).
-    text: the window decoded with a tokenizer, the activating token between ``marks`` (None without a tokenizer).
-    """
-
-    row: int
-    value: float
-    token_id: int
-    context_id: int
-    position: int
-    positions: tuple[int, ...]
-    tokens: tuple[int, ...]
-    text: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureReport:
-    """Everything the index knows about one feature. Arrays over snapshots follow ``snapshots``."""
-
-    index: int
-    snapshots: tuple[str, ...]
-    frequency: float  # fraction of scanned rows where the feature is active
-    frequency_per_snapshot: np.ndarray  # [S] (JumpReLU gates per snapshot; other activations repeat frequency)
-    mean_activation: float  # mean activation over the rows where it is active (0 if never)
-    norms: np.ndarray  # [S] decoder norm per snapshot
-    strength: np.ndarray  # [S] norms / their maximum
-    emergence: str | None  # first snapshot where strength >= the index's emergence threshold (None if dead)
-    kind: str  # one of evolution.KINDS
-    consecutive_cosine: np.ndarray  # [S-1] cosine of decoder vectors at snapshots s and s+1
-    cosine_to_final: np.ndarray  # [S] cosine of each snapshot's decoder vector with the last one's
-    sharpest_rotation: str | None  # snapshot s+1 of the lowest consecutive cosine (None with one snapshot)
-    top_examples: tuple[Example, ...]
-
-    def __str__(self) -> str:
-        lines = [f"feature {self.index}: {self.kind}, emerges at {self.emergence}, frequency {self.frequency:.3g}, "
-                 f"mean activation {self.mean_activation:.3g}"]
-        lines.append("  strength: " + " ".join(f"{n}={v:.2f}" for n, v in zip(self.snapshots, self.strength)))
-        for ex in self.top_examples:
-            lines.append(f"  {ex.value:8.3f}  row {ex.row}: " + (ex.text if ex.text is not None else
-                                                                 f"token {ex.token_id} (context {ex.context_id}, position {ex.position})"))
-        return "\n".join(lines)
+__all__ = ["Example", "FeatureIndex", "FeatureReport", "Histogram", "INDEX_ARRAYS", "INDEX_META"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,17 +98,18 @@ class FeatureIndex:
     @classmethod
     def build(cls, export_dir_or_workdir: str | os.PathLike, store_url: str | None = None, *,
               max_rows: int | None = None, top_k: int = 20, batch_rows: int = 2048, window: int = 8,
-              emergence_threshold: float = 0.5, progress: bool = True) -> FeatureIndex:
+              emergence_threshold: float = 0.5, histogram_bins: int = 32, progress: bool = True) -> FeatureIndex:
         """Scan the store once with the exported crosscoder and collect per-feature statistics.
 
         export_dir_or_workdir: a crosscoder export (config.json + model.safetensors) or a training workdir.
         store_url: the activation store; None takes it from the workdir's summary.json.
         max_rows: scan only the first rows (the store's rows are shuffled, so this is a random sample).
         window: positions on each side of a top example whose tokens are kept for :meth:`top_examples`.
+        histogram_bins: bins of each feature's activation histograms (a power of two; :meth:`histogram`).
         """
         scan = index_build.scan(export_dir_or_workdir, store_url, max_rows=max_rows, top_k=top_k,
                                 batch_rows=batch_rows, window=window, emergence_threshold=emergence_threshold,
-                                progress=progress)
+                                histogram_bins=histogram_bins, progress=progress)
         index = cls(scan.arrays, scan.info)
         index._export = scan.export
         index._store = scan.store
@@ -291,10 +247,12 @@ class FeatureIndex:
             top_examples=tuple(self.top_examples(i, k, tokenizer=tokenizer, window=window)))
 
     def top_examples(self, i: int, k: int | None = None, tokenizer: Any = None, window: int | None = None,
-                     marks: tuple[str, str] = ("[[", "]]")) -> list[Example]:
+                     marks: tuple[str, str] = ("[[", "]]"), snapshot: str | int | None = None) -> list[Example]:
         """Feature ``i``'s top ``k`` rows (largest activation first) with the tokens ``window`` positions around
         each in its context, decoded by ``tokenizer`` (tokenizers.Tokenizer, tokenizer.json path or snapshot dir)
-        when given, the activating token between ``marks``. A window wider than the index's built one reads the
+        when given, the activating token between ``marks``. With ``snapshot`` (name or index): the top rows on which
+        the feature fires at that snapshot, its own top-k (JumpReLU gates per snapshot, so fewer where it is weak;
+        other activations fire in every snapshot alike). A window wider than the index's built one reads the
         store's token arrays once for this feature."""
         i = self._check_feature(i)
         k = self.top_k if k is None else index_build.integer_arg("top_examples", "k", k, low=1)
@@ -304,12 +262,16 @@ class FeatureIndex:
         window = self.window if window is None else index_build.integer_arg("top_examples", "window", window, low=0)
         if not (isinstance(marks, (tuple, list)) and len(marks) == 2 and all(isinstance(m, str) for m in marks)):
             raise CrossjaxError(f"top_examples: marks={marks!r} must be two strings (before, after).")
-        rows = self._a["top_row"][i, :k]
-        n = int(np.sum(rows >= 0))
-        ctx, pos = self._a["top_context"][i, :n], self._a["top_position"][i, :n]
-        if window > max(self.window, self._window_of.get(i, 0)) and n:
-            keys, toks = index_build.collect_tokens(self._get_store(), index_build.window_keys(ctx, pos, window),
-                                                      progress=False)
+        kept = np.flatnonzero(self._a["top_row"][i] >= 0)
+        if snapshot is not None:
+            s = index_of(snapshot, self.snapshots, where="this index")
+            kept = kept[self._a["top_gate"][i, kept, s] > 0]
+        picked = kept[:k]
+        if window > max(self.window, self._window_of.get(i, 0)) and len(kept):
+            every = self._a["top_row"][i] >= 0  # all of the feature's rows: later calls may ask for other ones
+            keys, toks = index_build.collect_tokens(
+                self._get_store(), index_build.window_keys(self._a["top_context"][i, every],
+                                                           self._a["top_position"][i, every], window), progress=False)
             self._wkeys, first = np.unique(np.concatenate([self._wkeys, keys]), return_index=True)
             self._wtokens = np.concatenate([self._wtokens, toks])[first]
             self._window_of[i] = window
@@ -319,8 +281,8 @@ class FeatureIndex:
                                 "tokenizer.json path or a snapshot directory holding one.")
         t_len = self.info.get("context_len")
         out = []
-        for j in range(n):
-            c, p = int(ctx[j]), int(pos[j])
+        for j in picked:
+            c, p = int(self._a["top_context"][i, j]), int(self._a["top_position"][i, j])
             lo, hi = max(0, p - window), p + window + 1
             if t_len:
                 hi = min(hi, int(t_len))
@@ -331,10 +293,19 @@ class FeatureIndex:
                 at = p - lo
                 text = (_decode(tok, tokens[:at]) + marks[0] + _decode(tok, [int(self._a["top_token"][i, j])])
                         + marks[1] + _decode(tok, tokens[at + 1:]))
-            out.append(Example(row=int(rows[j]), value=float(self._a["top_value"][i, j]),
+            out.append(Example(row=int(self._a["top_row"][i, j]), value=float(self._a["top_value"][i, j]),
                                token_id=int(self._a["top_token"][i, j]), context_id=c, position=p,
                                positions=positions, tokens=tokens, text=text))
         return out
+
+    def histogram(self, i: int) -> Histogram:
+        """Feature ``i``'s activation histogram at each snapshot over the scanned rows where it is active
+        (crossjax/analysis/activation_histograms.py: ``histogram_bins`` bins from 0 to the power of two just above
+        its largest activation, the same edges at every snapshot)."""
+        i = self._check_feature(i)
+        bins = int(self.info["histogram_bins"])
+        edges = activation_histograms.edges(self._a["histogram_exponent"][i:i + 1], bins)[0]
+        return Histogram(i, self.snapshots, edges, self._a["histogram_counts"][:, i].astype(np.int64))
 
     def _lookup_tokens(self, context: int, positions: Sequence[int]) -> np.ndarray:
         """Tokens [len(positions)] stored at (context, position), -1 where the store has no such row."""
@@ -379,6 +350,25 @@ class FeatureIndex:
         active = np.flatnonzero(a > 0)
         order = active[np.lexsort((active, -a[active]))][:k]
         return [(int(f), float(a[f])) for f in order]
+
+    # ---- over the run ----------------------------------------------------------------------------------
+
+    def table(self, workdir: str | os.PathLike | None = None):
+        """A pandas DataFrame of every feature: kind, emergence, cluster, frequency, separability
+        (crossjax/analysis/feature_table.py). workdir: the run's (default: the one the index was built from)."""
+        from crossjax.analysis import feature_table
+        return feature_table.table(self, workdir)
+
+    def run(self, text: str | Sequence[int], *, features: Sequence[int] | None = None,
+            workdir: str | os.PathLike | None = None, contexts_per_batch: int = 8, batch_rows: int = 1024,
+            progress: bool = True):
+        """Which features fire on which token of new ``text`` (or token ids) at each snapshot: the run's
+        tokenizer, every snapshot to the hook, the crosscoder (crossjax/analysis/new_text.py). Returns a
+        TextActivations: ``.frame`` (pandas DataFrame), ``print()`` shows the top features per token."""
+        from crossjax.analysis import new_text
+        return new_text.run(text, export=self._get_export(), snapshots=self.snapshots, info=self.info,
+                            workdir=workdir, features=features, contexts_per_batch=contexts_per_batch,
+                            batch_rows=batch_rows, progress=progress)
 
     def __repr__(self) -> str:
         return (f"FeatureIndex(features={self.num_features}, snapshots={len(self.snapshots)}, "

@@ -28,6 +28,12 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
       (evolution.emergence_snapshot: the first snapshot where the learned decoder norm reaches
       `emergence_threshold` of its peak). Reported: exact and within-one accuracy against the planted emergence
       snapshot.
+    - kinds: the kind the analyses give each true feature's match (evolution.classify_kinds) against the planted
+      kind (init_decay is the analyses' initialisation kind): kind_agreement overall and per planted kind.
+    - rotation: over the matches of the true features that turn sharply, the cosine between consecutive
+      snapshots' decoder directions (trajectories.rotation_matrix); sharpest_turn_at is the snapshot after the
+      lowest one, to compare with the planted rotation snapshot (the same for the persistent features that do not
+      turn, as a baseline).
     """
     W = np.asarray(W_dec, np.float64)
     true_dirs = np.asarray(truth.directions, np.float64)         # [S, T, D]
@@ -52,14 +58,41 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
         out["snapshots"] = [int(i) for i in snapshots]
         out["note"] = "trained on a subset of the snapshots: emergence is not measured"
         return out
+    mean_cos = (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]   # [T, F]
+    match = mean_cos.argmax(-1)                                  # [T]: each true feature's learned match
+    out.update(_kinds_and_rotation(W, truth, match, emergence_threshold))
     emergent = np.flatnonzero(np.asarray(truth.emergence_snapshot) >= 0)
     if emergent.size:
-        mean_cos = (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]   # [T, F]
-        match = mean_cos.argmax(-1)                              # [T]
         # the same rule the analyses use: first snapshot where the normalised decoder norm reaches the threshold
         predicted = evolution.emergence_snapshot(evolution.decoder_norms(W)[:, match[emergent]], emergence_threshold)
         target = np.asarray(truth.emergence_snapshot)[emergent]
         out.update(emergence_accuracy=float(np.mean(predicted == target)),
                    emergence_within_one=float(np.mean(np.abs(predicted - target) <= 1)),
                    emergence_threshold=emergence_threshold, num_emergent=int(emergent.size))
+    return out
+
+
+PLANTED_TO_KIND = {"persistent": evolution.KIND_PERSISTENT, "emergent": evolution.KIND_EMERGENT,
+                   "init_decay": evolution.KIND_INITIALISATION, "transient": evolution.KIND_TRANSIENT}
+
+
+def _kinds_and_rotation(W: np.ndarray, truth, match: np.ndarray, present: float) -> dict:
+    from crossjax.analysis.trajectories import rotation_matrix
+    planted_kind = np.asarray(truth.kind)
+    found = evolution.classify_kinds(evolution.decoder_norms(W), present=present)[match]
+    want = np.array([PLANTED_TO_KIND[str(k)] for k in planted_kind])
+    out = {"kind_agreement": float(np.mean(found == want)),
+           "kind_agreement_by_kind": {k: float(np.mean(found[planted_kind == k] == want[planted_kind == k]))
+                                      for k in PLANTED_TO_KIND if np.any(planted_kind == k)}}
+    turning = np.asarray(truth.rotation_snapshot) >= 0
+    if turning.any() and W.shape[0] > 1:
+        def consecutive(features):
+            m = rotation_matrix(W, np.unique(match[features]))
+            return [float(m[s, s + 1]) for s in range(W.shape[0] - 1)]
+        turn = consecutive(turning)
+        steady = (planted_kind == "persistent") & ~turning
+        out["rotation"] = {
+            "planted_snapshots": sorted({int(r) for r in np.asarray(truth.rotation_snapshot)[turning]}),
+            "consecutive_cosine": turn, "sharpest_turn_at": int(np.argmin(turn)) + 1,
+            "steady_consecutive_cosine": consecutive(steady) if steady.any() else None}
     return out

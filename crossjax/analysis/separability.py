@@ -107,7 +107,7 @@ def measure(store, params: dict, scales: np.ndarray, cfg, *, blocks: Sequence[in
         "features": chosen.tolist(), "snapshots": names, "rows": int(len(rows)),
         "firing_rows": labels[:, chosen].sum(0).astype(int).tolist(),
         "auc": np.round(auc, 6).tolist(), "norm": np.round(norms[:, chosen].T, 6).tolist(),
-        "spearman": [None if not np.isfinite(r) else round(float(r), 6) for r in rho],
+        "spearman": [round(float(r), 6) for r in rho],          # NaN where a curve is constant
         "median_spearman": float(np.median(finite)) if len(finite) else None,
         "quartiles": np.percentile(finite, [25, 75]).tolist() if len(finite) else None,
         "fraction_positive": float(np.mean(finite > 0)) if len(finite) else None,

@@ -339,3 +339,106 @@ def test_ties_keep_the_lower_rows_across_batches(tmp_path):
         index = FeatureIndex.build(work, top_k=6, batch_rows=batch_rows, progress=False)
         assert [e.row for e in index.top_examples(0)] == [5, 9, 1, 3, 6, 7]
         assert index.counts[0] == 10
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Top rows per snapshot and activation histograms, against brute force over every row
+
+
+def reference_per_snapshot(store, params, cfg, scales, batch_rows):
+    """crosscoder.forward's acts as [N,S,F] (shared activations repeated at every snapshot)."""
+    parts = []
+    for a in range(0, store.meta.num_rows, batch_rows):
+        x = crosscoder.normalize(jnp.asarray(store.read_rows(a, min(a + batch_rows, store.meta.num_rows))), scales)
+        acts = np.asarray(crosscoder.forward(params, x, cfg)["acts"], np.float32)
+        parts.append(acts if acts.ndim == 3 else np.repeat(acts[:, None], S, axis=1))
+    return np.concatenate(parts)
+
+
+def brute_histograms(acts, bins):
+    """(counts [S,F,B], edges [F,B+1]) with each feature's range [0, 2^e), e = frexp(its largest value)."""
+    n, s, f = acts.shape
+    exponent = np.frexp(acts.max(axis=(0, 1)))[1]
+    counts = np.zeros((s, f, bins), np.int64)
+    for j in range(f):
+        v = acts[:, :, j]
+        b = np.minimum(np.floor(np.ldexp(v, int(np.log2(bins)) - exponent[j])).astype(int), bins - 1)
+        for t in range(s):
+            counts[t, j] = np.bincount(b[v[:, t] > 0, t], minlength=bins)
+    edges = np.ldexp(1.0, exponent)[:, None] * np.arange(bins + 1)[None] / bins
+    return counts, edges
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+def test_top_rows_per_snapshot_and_histograms_match_brute_force(store, tmp_path, activation):
+    params, cfg = make_params(activation, seed=2)
+    scales = store.estimate_scales()
+    work = make_workdir(tmp_path, params, scales, cfg, store.url, store.meta.snapshots)
+    batch_rows, top_k, bins = 100, 6, 16
+    index = FeatureIndex.build(work, top_k=top_k, batch_rows=batch_rows, window=0, histogram_bins=bins,
+                               progress=False)
+    acts = reference_per_snapshot(store, params, cfg, scales, batch_rows)  # [N,S,F]
+    rows = np.arange(len(acts))
+    differ = 0
+    for f in range(F):
+        lists = []
+        for s, name in enumerate(store.meta.snapshots):
+            v = acts[:, s, f]
+            want = np.lexsort((rows, -v))
+            want = want[v[want] > 0][:top_k]
+            got = index.top_examples(f, snapshot=name)
+            assert [e.row for e in got] == want.tolist(), (f, name)
+            np.testing.assert_allclose([e.value for e in got], v[want], rtol=1e-5)
+            assert [e.row for e in index.top_examples(f, k=2, snapshot=s)] == want[:2].tolist()
+            lists.append(want.tolist())
+        differ += any(lst != lists[0] for lst in lists)
+    if activation == "jumprelu":  # the gates differ between snapshots: so do some features' top rows
+        assert differ >= 2  # features 0 (no decoder at snapshot 0) and 2 (weak at the last)
+    else:
+        assert differ == 0
+    counts, edges = brute_histograms(acts, bins)
+    assert counts.sum() > 1000  # not degenerate
+    for f in range(F):
+        h = index.histogram(f)
+        assert h.snapshots == store.meta.snapshots and h.counts.shape == (S, bins)
+        if counts[:, f].sum():
+            np.testing.assert_array_equal(h.counts, counts[:, f], err_msg=f"feature {f}")
+            np.testing.assert_array_equal(h.edges, edges[f])
+            np.testing.assert_array_equal(h.counts.sum(axis=1), index.counts_per_snapshot[:, f])
+        else:
+            assert np.isnan(h.edges).all() and not h.counts.any()
+    # saved and loaded: the same answers
+    loaded = FeatureIndex.load(index.save(tmp_path / "index"))
+    for f in (0, 5, 9):
+        assert loaded.top_examples(f, snapshot=1) == index.top_examples(f, snapshot=1)
+        np.testing.assert_array_equal(loaded.histogram(f).counts, index.histogram(f).counts)
+    with pytest.raises(CrossjaxError, match="not one of"):
+        index.top_examples(0, snapshot="step7")
+
+
+def test_histograms_in_large_batches_and_moved_to_the_host_count_the_same(store, tmp_path, monkeypatch):
+    """A batch larger than the rows binned at once (256) is binned in overlapping chunks; device counts are int32
+    and move to int64 host counts before they could overflow: with that limit lowered to a few batches, the
+    counts (merged across range changes on both sides) are still the brute-force ones."""
+    from crossjax.analysis import activation_histograms
+
+    params, cfg = make_params("jumprelu", seed=2)
+    scales = store.estimate_scales()
+    work = make_workdir(tmp_path, params, scales, cfg, store.url, store.meta.snapshots)
+    counts, edges = brute_histograms(reference_per_snapshot(store, params, cfg, scales, 100), 8)
+    whole = FeatureIndex.build(work, top_k=2, batch_rows=300, window=0, histogram_bins=8, progress=False)
+    monkeypatch.setattr(activation_histograms, "_INT32_ROOM", 120)
+    moved = FeatureIndex.build(work, top_k=2, batch_rows=50, window=0, histogram_bins=8, progress=False)
+    for index in (whole, moved):
+        for f in range(F):
+            if counts[:, f].sum():
+                np.testing.assert_array_equal(index.histogram(f).counts, counts[:, f], err_msg=f"feature {f}")
+                np.testing.assert_array_equal(index.histogram(f).edges, edges[f])
+
+
+@pytest.mark.parametrize("bins", [0, 3, 2.0, True])
+def test_histogram_bins_must_be_a_power_of_two(store, tmp_path, bins):
+    params, cfg = make_params("relu")
+    work = make_workdir(tmp_path, params, store.estimate_scales(), cfg, store.url, store.meta.snapshots)
+    with pytest.raises(CrossjaxError, match=rf"histogram_bins={bins!r} must be a power of two"):
+        FeatureIndex.build(work, histogram_bins=bins, progress=False)

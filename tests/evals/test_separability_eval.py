@@ -11,8 +11,11 @@ def test_separability_evaluator_in_a_planted_run(tmp_path):
     c.evals = "heldout,separability"
     out = pipeline.run(c, str(tmp_path / "run"))
     sep = out.evals["separability"]
-    assert summary(tmp_path / "run").evals["separability"] == sep
+    np.testing.assert_equal(summary(tmp_path / "run").evals["separability"], sep)    # NaN read back as NaN
     assert sep["rows"] == 400 and sep["snapshots"] == ["planted_0", "planted_1", "planted_2", "planted_3"]
     assert 1 <= len(sep["features"]) <= 5 and np.shape(sep["auc"]) == (len(sep["features"]), 4)
     assert np.all((np.asarray(sep["auc"]) >= 0) & (np.asarray(sep["auc"]) <= 1))
     assert len(out.evolution["clusters"]["sizes"]) == 6
+    # planted data: each probed feature's AUC against the planted strength of its true match
+    assert len(sep["spearman_planted_strength"]) == len(sep["features"]) == len(sep["matched_true_features"])
+    assert all(0 <= t < 16 for t in sep["matched_true_features"])

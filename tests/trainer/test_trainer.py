@@ -141,7 +141,9 @@ def _truth(S=4, T=3, D=8):
     strengths = np.ones((S, T), np.float32)
     strengths[:, 2] = [0.0, 0.0, 0.5, 1.0]                                     # feature 2 emerges at snapshot 2
     return types.SimpleNamespace(directions=dirs, strengths=strengths,
-                                 emergence_snapshot=np.array([-1, -1, 2], np.int32))
+                                 emergence_snapshot=np.array([-1, -1, 2], np.int32),
+                                 kind=np.array(["persistent", "persistent", "emergent"]),
+                                 rotation_snapshot=np.array([-1, -1, -1], np.int32))
 
 
 def test_planted_recovery_on_a_hand_made_case():
@@ -157,5 +159,29 @@ def test_planted_recovery_on_a_hand_made_case():
     assert r["mean_max_cos"] == pytest.approx(np.cos(a))                     # feature 2 absent at 0, 1: skipped
     assert r["frac_above"] == 0.0                                            # cos 30 deg = 0.866 < 0.9
     assert r["emergence_accuracy"] == 1.0 and r["num_emergent"] == 1
+    assert r["kind_agreement"] == 1.0 and "rotation" not in r             # the matches are persistent, emergent
     r = recovery.planted_recovery(W, truth, threshold=0.8, emergence_threshold=0.25)
     assert r["frac_above"] == 1.0 and r["emergence_accuracy"] == 0.0 and r["emergence_within_one"] == 1.0
+
+
+def test_planted_rotation_and_kinds_by_hand():
+    """True feature 1 turns from e1 to e2 at snapshot 2; feature 2 decays from the start (init_decay)."""
+    S, D = 4, 4
+    dirs = np.zeros((S, 3, D))
+    dirs[:, 0, 0] = 1.0
+    dirs[:2, 1, 1] = dirs[2:, 1, 2] = 1.0
+    dirs[:, 2, 3] = 1.0
+    strengths = np.ones((S, 3))
+    strengths[:, 2] = [1.0, 0.3, 0.1, 0.05]
+    truth = types.SimpleNamespace(directions=dirs, strengths=strengths, emergence_snapshot=np.full(3, -1),
+                                  kind=np.array(["persistent", "persistent", "init_decay"]),
+                                  rotation_snapshot=np.array([-1, 2, -1]))
+    W = dirs * strengths[:, :, None]                     # the crosscoder learned the truth exactly
+    r = recovery.planted_recovery(W, truth)
+    assert r["kind_agreement"] == 1.0 and r["kind_agreement_by_kind"] == {"persistent": 1.0, "init_decay": 1.0}
+    rot = r["rotation"]
+    assert rot["planted_snapshots"] == [2] and rot["sharpest_turn_at"] == 2
+    np.testing.assert_allclose(rot["consecutive_cosine"], [1.0, 0.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(rot["steady_consecutive_cosine"], [1.0, 1.0, 1.0], atol=1e-9)
+    W[:, 2] = W[0, 2]                                    # now it does not decay: found persistent, planted init_decay
+    assert recovery.planted_recovery(W, truth)["kind_agreement_by_kind"]["init_decay"] == 0.0
