@@ -30,10 +30,10 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
       snapshot.
     - kinds: the kind the analyses give each true feature's match (evolution.classify_kinds) against the planted
       kind (init_decay is the analyses' initialisation kind): kind_agreement overall and per planted kind.
-    - rotation: over the matches of the true features that turn sharply, the cosine between consecutive
-      snapshots' decoder directions (trajectories.rotation_matrix); sharpest_turn_at is the snapshot after the
-      lowest one, to compare with the planted rotation snapshot (the same for the persistent features that do not
-      turn, as a baseline).
+    - rotation: for each planted rotation snapshot r, over the matches of the true features that turn sharply at r,
+      the cosine between consecutive snapshots' decoder directions (trajectories.rotation_matrix) and
+      sharpest_turn_at, the snapshot after the lowest one; `found` is the fraction of r where that is r (the
+      persistent features that do not turn give the baseline curve).
     """
     W = np.asarray(W_dec, np.float64)
     true_dirs = np.asarray(truth.directions, np.float64)         # [S, T, D]
@@ -84,15 +84,19 @@ def _kinds_and_rotation(W: np.ndarray, truth, match: np.ndarray, present: float)
     out = {"kind_agreement": float(np.mean(found == want)),
            "kind_agreement_by_kind": {k: float(np.mean(found[planted_kind == k] == want[planted_kind == k]))
                                       for k in PLANTED_TO_KIND if np.any(planted_kind == k)}}
-    turning = np.asarray(truth.rotation_snapshot) >= 0
-    if turning.any() and W.shape[0] > 1:
+    turn_at = np.asarray(truth.rotation_snapshot)
+    if np.any(turn_at >= 0) and W.shape[0] > 1:
         def consecutive(features):
             m = rotation_matrix(W, np.unique(match[features]))
             return [float(m[s, s + 1]) for s in range(W.shape[0] - 1)]
-        turn = consecutive(turning)
-        steady = (planted_kind == "persistent") & ~turning
+        by_snapshot = {}
+        for r in sorted({int(r) for r in turn_at[turn_at >= 0]}):
+            curve = consecutive(turn_at == r)
+            by_snapshot[str(r)] = {"features": int(np.sum(turn_at == r)), "consecutive_cosine": curve,
+                                   "sharpest_turn_at": int(np.argmin(curve)) + 1}
+        steady = (planted_kind == "persistent") & (turn_at < 0)
         out["rotation"] = {
-            "planted_snapshots": sorted({int(r) for r in np.asarray(truth.rotation_snapshot)[turning]}),
-            "consecutive_cosine": turn, "sharpest_turn_at": int(np.argmin(turn)) + 1,
+            "by_planted_snapshot": by_snapshot,
+            "found": float(np.mean([v["sharpest_turn_at"] == int(r) for r, v in by_snapshot.items()])),
             "steady_consecutive_cosine": consecutive(steady) if steady.any() else None}
     return out

@@ -180,8 +180,9 @@ def test_planted_rotation_and_kinds_by_hand():
     r = recovery.planted_recovery(W, truth)
     assert r["kind_agreement"] == 1.0 and r["kind_agreement_by_kind"] == {"persistent": 1.0, "init_decay": 1.0}
     rot = r["rotation"]
-    assert rot["planted_snapshots"] == [2] and rot["sharpest_turn_at"] == 2
-    np.testing.assert_allclose(rot["consecutive_cosine"], [1.0, 0.0, 1.0], atol=1e-9)
+    assert list(rot["by_planted_snapshot"]) == ["2"] and rot["by_planted_snapshot"]["2"]["sharpest_turn_at"] == 2
+    assert rot["found"] == 1.0
+    np.testing.assert_allclose(rot["by_planted_snapshot"]["2"]["consecutive_cosine"], [1.0, 0.0, 1.0], atol=1e-9)
     np.testing.assert_allclose(rot["steady_consecutive_cosine"], [1.0, 1.0, 1.0], atol=1e-9)
     W[:, 2] = W[0, 2]                                    # now it does not decay: found persistent, planted init_decay
     assert recovery.planted_recovery(W, truth)["kind_agreement_by_kind"]["init_decay"] == 0.0
