@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from _rss import PeakRss
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,32 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--histogram-bins", type=int, default=32)
     p.add_argument("--child", nargs=2, metavar=("EXPORT", "STORE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread; ``peak`` is the largest value seen since start."""
-
-    def __init__(self, interval_s: float = 0.005):
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def write_store(url: str, rows: int, args) -> None:

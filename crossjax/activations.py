@@ -89,6 +89,18 @@ def snapshot_specs(model_cfg) -> tuple[list[str], list[tuple[str, str | None]]]:
                         "(path_template with '{snapshot}') or a Hub repo whose revisions are the snapshot names.")
 
 
+def snapshot_dirs(model_cfg, names: Sequence[str]) -> dict:
+    """{name: local directory} of the model section's snapshots `names` (downloaded from the Hub if need be)."""
+    from crossjax.models import snapshot_files
+
+    all_names, specs = snapshot_specs(model_cfg)
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise CrossjaxError(f"snapshots {unknown} are not among model.snapshots {all_names}")
+    cache_dir = model_cfg.get("cache_dir") or None
+    return {n: snapshot_files.resolve_snapshot(*specs[all_names.index(n)], cache_dir=cache_dir) for n in names}
+
+
 def _load(config, plan_or_specs, s: int, mesh):
     from crossjax.models import load as load_lib
 

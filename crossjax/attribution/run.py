@@ -72,7 +72,6 @@ def run_snapshots(workdir: str) -> tuple[list[str], dict[str, str], str, str]:
     """(snapshot names, {name: directory}, hook, export dir) of the finished run in workdir."""
     from crossjax import activations
     from crossjax import workdir as workdir_lib
-    from crossjax.models import snapshot_files
     from crossjax.summary import RunSummary
 
     summary = RunSummary.read(workdir)
@@ -85,15 +84,13 @@ def run_snapshots(workdir: str) -> tuple[list[str], dict[str, str], str, str]:
         raise CrossjaxError(f"{workdir}/config.json records no model snapshots (model.hook and model.path_template "
                             "or model.repo): attribution needs a run over model snapshots, not planted data.")
     section = ConfigDict(model)
-    all_names, specs = activations.snapshot_specs(section)
+    all_names, _ = activations.snapshot_specs(section)
     unknown = [n for n in summary.snapshots if n not in all_names]
     if unknown:
         raise CrossjaxError(f"{workdir}/summary.json names snapshots {unknown} that config.json's model.snapshots "
                             "lacks: the two files come from different runs; rerun the training command to rewrite "
                             "them.")
-    dirs = {n: str(snapshot_files.resolve_snapshot(*specs[all_names.index(n)],
-                                                   cache_dir=model.get("cache_dir") or None))
-            for n in summary.snapshots}
+    dirs = {n: str(d) for n, d in activations.snapshot_dirs(section, summary.snapshots).items()}
     return list(summary.snapshots), dirs, str(model["hook"]), export
 
 

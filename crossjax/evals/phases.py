@@ -23,10 +23,7 @@ def evaluate(run) -> dict | None:
         return None
     from crossjax import activations, tokens
     from crossjax.analysis import phases
-    from crossjax.models import snapshot_files
-    all_names, specs = activations.snapshot_specs(config.model)
-    dirs = {n: snapshot_files.resolve_snapshot(*specs[all_names.index(n)], cache_dir=config.model.cache_dir or None)
-            for n in run.snapshots}
+    dirs = activations.snapshot_dirs(config.model, run.snapshots)
     tokenizer = tokens.load_tokenizer(dirs[run.snapshots[0]])
 
     def contexts(split: str, num_tokens: int, seed_offset: int):

@@ -21,10 +21,7 @@ def evaluate(run) -> dict | None:
         return None
     from crossjax import activations, tokens
     from crossjax.analysis.spliced import spliced_loss
-    from crossjax.models import snapshot_files
-    all_names, specs = activations.snapshot_specs(config.model)
-    dirs = {n: snapshot_files.resolve_snapshot(*specs[all_names.index(n)], cache_dir=config.model.cache_dir or None)
-            for n in run.snapshots}
+    dirs = activations.snapshot_dirs(config.model, run.snapshots)
     section = copy.deepcopy(config.tokens)
     section.split = str(config.eval.spliced_split)
     section.num_tokens = int(config.eval.spliced_tokens)

@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_naming_the_fix(finished_run, tmp_path, capsys):
     err = _fails(["analyze", f"--workdir={workdir}", f"--task={task}"], capsys)
     assert "summary.json does not exist: the run has not finished" in err
     assert analyze.main(["analyze", f"--workdir={workdir}"]) == 2
-    assert "--task required" in capsys.readouterr().err
+    assert "--task or --complexity required" in capsys.readouterr().err
 
 
 def test_a_run_without_model_snapshots_is_refused(finished_run, capsys):
