@@ -16,7 +16,8 @@ from crossjax import console
 
 def evaluate(run) -> dict | None:
     config = run.config
-    if config.data.source != "snapshots" or int(config.eval.phases_tokens) <= 0:
+    # a sequence of snapshots is what has phases (a per-snapshot SAE of crossjax.compare has one)
+    if config.data.source != "snapshots" or int(config.eval.phases_tokens) <= 0 or len(run.snapshots) < 2:
         return None
     import jax
     if jax.process_index() != 0:

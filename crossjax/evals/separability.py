@@ -11,6 +11,8 @@ from crossjax.analysis import separability
 
 
 def evaluate(run) -> dict | None:
+    if len(run.snapshots) < 2:      # a correlation over snapshots needs several (not a per-snapshot SAE)
+        return None
     e = run.config.eval
     out = separability.measure(
         run.store, run.host_params, run.scales, run.crosscoder, blocks=run.heldout_blocks,
