@@ -214,8 +214,40 @@ def plot_separability(data, out_dir: str) -> Plot:
                 f"median {med}).", _save(fig, out_dir, name))
 
 
-PLOTS: tuple[Callable, ...] = (plot_strength, plot_emergence, plot_clusters, plot_rotation, plot_heldout,
-                               plot_ev_l0, plot_separability)
+def plot_phases(data, out_dir: str) -> Plot:
+    name, title = "phases", "Two phases: n-gram statistics, then features"
+    phases = data.summary.evals.get("phases")
+    if not phases:
+        return _skip(name, title, "skipped: the two phases were not measured (model snapshots with phases in "
+                     "config.evals and eval.phases_tokens > 0)")
+    curves = phases["curves"]
+    names = [n for n in data.snapshots if n in curves]
+    fig = _figure(9, 3.6)
+    ax, hist = fig.subplots(1, 2, sharex=True)
+    x = _snapshot_axis(ax, data)[[data.snapshots.index(n) for n in names]]
+    for key, label in (("kl_unigram", "KL(unigram || model)"), ("kl_bigram", "KL(bigram || model)"),
+                       ("loss", "loss")):
+        ax.plot(x, [curves[n][key] for n in names], "o-", markersize=3, label=label)
+    t = phases["transition"]
+    if t["snapshot"] in names:
+        ax.axvline(x[names.index(t["snapshot"])], color="grey", linestyle=":", label="transition")
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=8)
+    by_step = data.summary.evolution.get("emergent_features_by_step")
+    by_snapshot = data.summary.evolution.get("emergent_features_by_snapshot") or {}
+    counts = ([by_step.get(str(s), 0) for s in data.steps] if by_step and data.steps is not None
+              else [by_snapshot.get(n, 0) for n in data.snapshots])
+    _snapshot_axis(hist, data)
+    hist.vlines(_snapshot_axis(hist, data), 0, counts, linewidth=5, color="tab:blue")
+    hist.set_ylabel("emergent features")
+    return Plot(name, title, "Left: each snapshot's held-out loss and the KL from the corpus unigram and bigram "
+                f"statistics to its next-token distribution; the transition (dotted) is where the KL to the bigram "
+                f"statistics is smallest ({t['snapshot']}). Right: when the emergent features form.",
+                _save(fig, out_dir, name))
+
+
+PLOTS: tuple[Callable, ...] = (plot_strength, plot_emergence, plot_phases, plot_clusters, plot_rotation,
+                               plot_heldout, plot_ev_l0, plot_separability)
 
 
 def write_all(data, out_dir: str) -> list[Plot]:

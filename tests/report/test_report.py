@@ -157,10 +157,26 @@ def test_figures_without_their_inputs_are_skipped_with_the_reason(copy_run):
     assert sorted(os.listdir(plots)) == ["emergence.png", "rotation.png", "strength.png"]
     page = open(index, encoding="utf-8").read()
     for reason in ("add heldout to config.evals", "add separability to config.evals", "no clusters",
-                   "no compare.json", "contexts=False"):
+                   "no compare.json", "contexts=False", "the two phases were not measured"):
         assert reason in page
     keys = [c["key"] for c in read_data(os.path.dirname(index), "meta")["columns"]]
     assert "separability" not in keys and "frequency" not in keys
+
+
+def test_the_two_phases_figure_from_the_summary(copy_run):
+    from PIL import Image
+    path = os.path.join(copy_run, "summary.json")
+    raw = json.load(open(path))
+    names = raw["snapshots"]
+    raw["evals"]["phases"] = {"curves": {n: {"loss": 5.0 - i, "kl_unigram": 1.0 + (i - 1) ** 2, "kl_bigram": 3.0 - i,
+                                             "pairs": 10} for i, n in enumerate(names)},
+                              "transition": {"snapshot": names[-1], "step": None, "closest_to_unigram": names[1],
+                                             "rule": "..."}, "stats_tokens": 100}
+    json.dump(raw, open(path, "w"))
+    index = write_report(copy_run, contexts=False, progress=False)
+    with Image.open(os.path.join(os.path.dirname(index), "plots", "phases.png")) as im:
+        assert im.format == "PNG"
+    assert f"is smallest ({names[-1]})" in open(index, encoding="utf-8").read()
 
 
 def test_a_missing_store_leaves_contexts_out_and_says_why(copy_run, tmp_path):
