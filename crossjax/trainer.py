@@ -25,7 +25,7 @@ import optax
 from ml_collections import ConfigDict
 
 from crossjax import checkpoint as ckpt_lib
-from crossjax import console, crosscoder, data, optim, sharding
+from crossjax import console, crosscoder, data, memory_plan, optim, sharding
 from crossjax import metrics as metrics_lib
 from crossjax.errors import CrossjaxError
 from crossjax.metrics_log import MetricsLog
@@ -197,6 +197,13 @@ def train(config: ConfigDict, workdir: str, source: TrainData, *, evaluate: Call
     cc_cfg, tx, abstract = abstract_train_state(config, num_snapshots=num_snapshots, d_model=store.meta.d_model,
                                                 total_steps=steps)
     shard = make_shardings(mesh, abstract)
+    train_step = make_train_step(cc_cfg, tx, config, steps, shard)
+    try:  # a step that cannot fit is refused before anything is allocated
+        memory_plan.check_before_training(train_step, abstract, shard, batch_size=batch_size,
+                                          store_dtype=store.meta.dtype, stage=STAGE)
+    except BaseException:
+        batches.close()
+        raise
     scales = jax.device_put(jnp.asarray(np.asarray(source.scales, np.float32)), sharding.replicated(shard["mesh"]))
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
                                        async_save=bool(t.async_checkpointing))
@@ -215,7 +222,7 @@ def train(config: ConfigDict, workdir: str, source: TrainData, *, evaluate: Call
         log = MetricsLog(workdir, start, steps, _snapshot_names(store, snapshots))
         try:
             loop = _Loop(config, steps, batch_size, checkpoints, log, evaluate, callbacks)
-            state, end = loop.run(state, make_train_step(cc_cfg, tx, config, steps, shard), batches, scales,
+            state, end = loop.run(state, train_step, batches, scales,
                                   start, end)
         finally:
             log.close()

@@ -18,7 +18,7 @@ from crossjax.models import gpt_neox
 
 # Every shipped experiment with each variant its docstring names (None: get_config() without one).
 VARIANTS = {"synthetic": (None, "quick", "default", "tiny"), "tiny": (None, "default", "micro"),
-            "pythia160m": (None, "x32", "x64", "x128")}
+            "pythia160m": (None, "x32", "x64", "x128"), "pythia6_9b": (None,), "pythia70m": (None,)}
 HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "tensorstore", "transformers", "torch")
 
 
