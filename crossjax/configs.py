@@ -280,6 +280,36 @@ def load_experiment(spec: str) -> ConfigDict:
     return config
 
 
+def paper_pythia_run(repo: str, *, d_model: int, hook: str, snapshot_steps, num_features: int, lr: float,
+                     threshold_lr_scale: float) -> ConfigDict:
+    """The paper's Pythia crosscoder recipe (PAPER.md): JumpReLU with its penalty, SlimPajama contexts of 2048 with
+    BOS (not packed), 800M training tokens plus 16 held-out blocks of 4096, batch 4096, Adam with 5000 warm-up
+    steps, lambda 0.3; the model and the learning rates are the arguments."""
+    config = base_config()
+    config.data.source = "snapshots"
+    config.data.d_model = int(d_model)
+    config.model.repo = repo
+    config.model.snapshots = [f"step{n}" for n in snapshot_steps]
+    config.model.hook = hook
+    config.model.dtype = "float32"
+    tok = config.tokens
+    tok.source, tok.path, tok.text_field = "hf_dataset", "cerebras/SlimPajama-627B", "text"
+    tok.context_len, tok.packing, tok.num_tokens = 2048, False, 800_000_000 + 16 * 4096
+    config.store.block_rows, config.store.dtype = 4096, "float16"
+    c = config.crosscoder
+    c.num_features, c.activation = int(num_features), "jumprelu"
+    c.threshold_init, c.jump_bandwidth, c.tanh_k, c.tanh_c = 0.1, 4.0, 4.0, 0.01
+    c.init_norm = -1.0  # grid search on the first batch
+    t = config.train
+    t.batch_size, t.num_tokens, t.lr, t.threshold_lr_scale = 4096, 800_000_000, float(lr), float(threshold_lr_scale)
+    t.b1, t.b2, t.warmup_steps, t.cooldown_frac = 0.9, 0.999, 5000, 0.2
+    t.sparsity_coef, t.sparsity_warmup_frac, t.compute_dtype = 0.3, 0.1, "bfloat16"
+    t.log_every, t.checkpoint_every, t.keep_checkpoints, t.eval_every = 100, 5000, 3, 20000
+    t.heldout_blocks = 16
+    config.eval.max_batches = 16
+    return config
+
+
 def unknown_variant(variant: str, experiment: str, choices: str) -> CrossjaxError:
     """The error an experiment file raises for a variant it does not have: `raise configs.unknown_variant(...)`."""
     return CrossjaxError(f"unknown variant {variant!r} of {experiment}: use {choices}")

@@ -51,48 +51,6 @@ def get_config(arg: str | None = None):
     variant = arg or "x32"
     if variant not in EXPANSIONS:
         raise configs.unknown_variant(variant, "pythia160m.py", f"one of {sorted(EXPANSIONS)}")
-    config = configs.base_config()
-
-    config.data.source = "snapshots"
-    config.data.d_model = D_MODEL
-    config.model.repo = "EleutherAI/pythia-160m"
-    config.model.snapshots = [f"step{n}" for n in SNAPSHOT_STEPS]
-    config.model.hook = "blocks.6.hook_resid_post"
-    config.model.dtype = "float32"
-
-    # SlimPajama text, context 2048 with BOS, documents not packed; 800M training tokens plus held-out blocks.
-    config.tokens.source = "hf_dataset"
-    config.tokens.path = "cerebras/SlimPajama-627B"
-    config.tokens.text_field = "text"
-    config.tokens.context_len = 2048
-    config.tokens.packing = False
-    config.tokens.num_tokens = 800_000_000 + 16 * 4096
-    config.store.block_rows = 4096
-    config.store.dtype = "float16"
-
-    config.crosscoder.num_features = D_MODEL * EXPANSIONS[variant]
-    config.crosscoder.activation = "jumprelu"
-    config.crosscoder.threshold_init = 0.1
-    config.crosscoder.jump_bandwidth = 4.0
-    config.crosscoder.tanh_k = 4.0
-    config.crosscoder.tanh_c = 0.01
-    config.crosscoder.init_norm = -1.0  # grid search on the first batch
-
-    t = config.train
-    t.batch_size = 4096
-    t.num_tokens = 800_000_000
-    t.lr = 5e-5
-    t.threshold_lr_scale = 0.1
-    t.b1, t.b2 = 0.9, 0.999
-    t.warmup_steps = 5000
-    t.cooldown_frac = 0.2
-    t.sparsity_coef = 0.3
-    t.sparsity_warmup_frac = 0.1
-    t.compute_dtype = "bfloat16"
-    t.log_every = 100
-    t.checkpoint_every = 5000
-    t.keep_checkpoints = 3
-    t.eval_every = 20000
-    t.heldout_blocks = 16
-    config.eval.max_batches = 16
-    return config
+    return configs.paper_pythia_run("EleutherAI/pythia-160m", d_model=D_MODEL, hook="blocks.6.hook_resid_post",
+                                    snapshot_steps=SNAPSHOT_STEPS, num_features=D_MODEL * EXPANSIONS[variant],
+                                    lr=5e-5, threshold_lr_scale=0.1)
