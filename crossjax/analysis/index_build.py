@@ -288,6 +288,27 @@ def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool
     return keys, tokens[first].astype(np.int32)
 
 
+# the feature axis of each crosscoder parameter (None: not split); the pass splits features over the local devices
+FEATURE_AXIS_OF_PARAM = {"W_enc": 2, "W_dec": 1, "b_enc": 0, "log_threshold": 0, "b_dec": None}
+
+
+def _feature_placement(num_features: int):
+    """place(array, axis): the array split along `axis` over every local device on one 'feature' mesh axis (each
+    device keeps the top rows and histograms of its own features), or left on the default device when there is
+    one device or the features do not divide evenly."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or num_features % len(devices):
+        return lambda x, axis: x
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("feature",))
+
+    def place(x, axis):
+        spec = [None] * x.ndim
+        if axis is not None:
+            spec[axis] = "feature"
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    return place
+
+
 def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max_rows: int | None, top_k: int,
          batch_rows: int, window: int, emergence_threshold: float, histogram_bins: int, progress: bool) -> Scan:
     """The arrays and settings of a FeatureIndex (arguments: FeatureIndex.build)."""
@@ -317,13 +338,16 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
 
     n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
     f = cfg.num_features
-    params = {k: jnp.asarray(v) for k, v in params_np.items()}
+    place = _feature_placement(f)
+    params = {k: place(jnp.asarray(v), FEATURE_AXIS_OF_PARAM[k]) for k, v in params_np.items()}
     scales_j = jnp.asarray(scales)
     top = {"value": jnp.full((f, top_k), -jnp.inf, jnp.float32)}
     for name in ("row", "context", "position", "token"):
         top[name] = jnp.full((f, top_k), -1, jnp.int32)
     top["gate"] = jnp.zeros((f, top_k, cfg.num_snapshots), bool)
+    top = {name: place(v, 0) for name, v in top.items()}
     hist = activation_histograms.init(cfg.num_snapshots if cfg.activation == "jumprelu" else 1, f, histogram_bins)
+    hist = {"counts": place(hist["counts"], 1), "exponent": place(hist["exponent"], 0)}
     hist_totals = activation_histograms.Totals(hist)
     count = np.zeros(f, np.int64)
     act_sum = np.zeros(f, np.float64)
@@ -387,4 +411,5 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
                             [store.meta.snapshot_hashes[i] for i in (columns or range(store.meta.num_snapshots))]),
         "tokenizer_sha256": (store.meta.extra.get("tokenizer") or {}).get("sha256"),
     }
-    return Scan(arrays, info, (params, scales_j, cfg), store)
+    # later queries run on the default device, as those of a loaded index do (the same numbers to the last bit)
+    return Scan(arrays, info, ({k: jnp.asarray(v) for k, v in params_np.items()}, scales_j, cfg), store)
