@@ -284,6 +284,12 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
+def prefix_mask(valid: np.ndarray) -> np.ndarray:
+    """valid [C, T] bool -> attention mask [C, T]: each context up to its last valid position (right padding)."""
+    last = np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
+    return np.arange(valid.shape[1])[None, :] < last[:, None]
+
+
 def contexts_for(section, tokenizer: TokenizerInfo) -> Contexts:
     """The contexts of a ``tokens`` config section, tokenized with a snapshot's tokenizer."""
     return build_contexts(open_documents(section), tokenizer.tokenizer, context_len=section.context_len,

@@ -85,7 +85,6 @@ def measure(store, params: dict, scales: np.ndarray, cfg, *, blocks: Sequence[in
     {features [k], auc [k][S], norm [k][S], spearman [k], median_spearman, quartiles, fraction_positive, rows,
     firing_rows [k], skipped}. params: host numpy crosscoder parameters; snapshots: the store indices the
     crosscoder was trained on (None: all)."""
-    from scipy.stats import spearmanr
     for name, value in (("num_features", num_features), ("num_rows", num_rows), ("min_rows", min_rows)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise CrossjaxError(f"separability {name}={value!r} must be a positive integer")
@@ -100,7 +99,7 @@ def measure(store, params: dict, scales: np.ndarray, cfg, *, blocks: Sequence[in
     norms = np.linalg.norm(np.asarray(params["W_dec"], np.float64), axis=-1)       # [S, F]
     auc = np.array([[probe_auc(x[half, s], labels[half, f], x[~half, s], labels[~half, f], seed)
                      for s in range(x.shape[1])] for f in chosen]).reshape(len(chosen), x.shape[1])
-    rho = np.array([_spearman(spearmanr, auc[i], norms[:, f]) for i, f in enumerate(chosen)])
+    rho = np.array([spearman(auc[i], norms[:, f]) for i, f in enumerate(chosen)])
     finite = rho[np.isfinite(rho)]
     names = list(snapshot_names) if snapshot_names is not None else [str(s) for s in range(x.shape[1])]
     return {
@@ -115,7 +114,9 @@ def measure(store, params: dict, scales: np.ndarray, cfg, *, blocks: Sequence[in
     }
 
 
-def _spearman(spearmanr, a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:       # a constant curve has no rank order
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho of two curves [S]; NaN when either is constant (it has no rank order)."""
+    from scipy.stats import spearmanr
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(spearmanr(a, b).statistic)

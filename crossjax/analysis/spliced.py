@@ -94,8 +94,8 @@ def _contexts(contexts: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarra
     if not valid.any():
         raise CrossjaxError("no position is valid: mark the positions to splice (the stored rows) in valid.")
     if attention_mask is None:
-        last = np.where(valid.any(axis=1), ids.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
-        mask = np.arange(ids.shape[1])[None, :] < last[:, None]
+        from crossjax.tokens import prefix_mask
+        mask = prefix_mask(valid)
     else:
         mask = np.asarray(attention_mask).astype(bool)
         if mask.shape != ids.shape:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-
 from crossjax import console
 
 
@@ -32,9 +30,7 @@ def evaluate(run) -> dict | None:
         section.split, section.num_tokens = split, int(num_tokens)
         section.seed = int(section.seed) + seed_offset
         c = tokens.contexts_for(section, tokenizer)
-        # the attention mask as the spliced-in loss takes it: each context up to its last stored position
-        last = np.where(c.valid.any(axis=1), c.context_len - np.argmax(c.valid[:, ::-1], axis=1), 0)
-        return c.input_ids, np.arange(c.context_len)[None, :] < last[:, None]
+        return c.input_ids, tokens.prefix_mask(c.valid)     # the attention mask the spliced-in loss takes
 
     train_ids, train_mask = contexts("train", config.eval.phases_stats_tokens, 2)
     stats = phases.ngram_statistics(train_ids, train_mask, tokenizer.vocab_size)

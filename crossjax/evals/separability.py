@@ -25,8 +25,6 @@ def evaluate(run) -> dict | None:
 
 
 def _against_planted_strength(run, out: dict) -> dict:
-    from scipy.stats import spearmanr
-
     from crossjax import planted
     truth = planted.load_truth(run.store.url)
     w = np.asarray(run.host_params["W_dec"], np.float64)[:, out["features"]]            # [S, k, D]
@@ -35,10 +33,7 @@ def _against_planted_strength(run, out: dict) -> dict:
     present = strengths > 0
     cos = np.einsum("std,skd->stk", np.asarray(truth.directions, np.float64), learned)  # [S, T, k]
     match = ((cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]).argmax(0)   # [k]
-    rho = []
-    for i, t in enumerate(match):
-        a, b = np.asarray(out["auc"][i]), strengths[:, t]
-        rho.append(float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan"))
+    rho = [separability.spearman(np.asarray(out["auc"][i]), strengths[:, t]) for i, t in enumerate(match)]
     finite = np.array([r for r in rho if np.isfinite(r)])
     return {"matched_true_features": match.tolist(),
             "spearman_planted_strength": [round(r, 6) for r in rho],       # NaN: a constant curve
