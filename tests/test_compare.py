@@ -160,6 +160,7 @@ def test_a_subset_run_trains_and_evaluates_on_exactly_that_column(tmp_path):
     assert rec["mean_max_cos_per_snapshot"] == pytest.approx([tiled["mean_max_cos_per_snapshot"][2]], rel=1e-9)
 
 
+@pytest.mark.slow   # two command-line runs (about 7 s); the numbers are checked by the tests above
 def test_command_prints_the_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "crossjax.compare", f"--config={ROOT}/experiments/synthetic.py:tiny",

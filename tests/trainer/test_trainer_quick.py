@@ -1,8 +1,11 @@
 """experiments/synthetic.py:quick, the documented command's config, recovers the planted features (about 30 s)."""
+import pytest
+
 from _trainer_util import experiment
 from crossjax import pipeline
 
 
+@pytest.mark.slow   # about 20 s: the README's planted command (experiments/synthetic.py:quick) shows the same figures
 def test_quick_variant_recovers_planted_features(tmp_path):
     c = experiment("synthetic", "quick")
     c.train.progress = False
