@@ -348,7 +348,7 @@ def data_problems(config: ConfigDict, source: str | None = None) -> list[str]:
     if source not in SOURCES:
         problems.append(f"data.source={source!r} is not one of {SOURCES}")
     if source == "snapshots":
-        from crossjax.models.gpt_neox import HOOK_KINDS
+        from crossjax.models.neox_config import HOOK_KINDS
         hook = str(config.model.hook)
         m = re.fullmatch(r"blocks\.(\d+)\.(\w+)", hook)
         if m is None or m.group(2) not in HOOK_KINDS:

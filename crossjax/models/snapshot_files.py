@@ -20,7 +20,8 @@ import numpy as np
 
 from crossjax import safetensors_file
 from crossjax.errors import CrossjaxError
-from crossjax.models.gpt_neox import NeoXConfig, hf_param_names
+from crossjax.models.gpt_neox import hf_param_names
+from crossjax.models.neox_config import NeoXConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
