@@ -45,9 +45,7 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
     if W.shape[:1] != true_dirs.shape[:1] or W.shape[-1] != true_dirs.shape[-1]:
         raise CrossjaxError(f"W_dec {W.shape} and the planted truth {true_dirs.shape} (snapshots={snapshots}) "
                             "differ in snapshots or d_model; pass the store indices of W_dec's snapshots")
-    learned = W / np.maximum(np.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
-    true_unit = true_dirs / np.maximum(np.linalg.norm(true_dirs, axis=-1, keepdims=True), 1e-12)
-    cos = np.einsum("std,sfd->stf", true_unit, learned)          # [S, T, F]
+    cos = direction_cosines(true_dirs, W)                        # [S, T, F]
     best = cos.max(-1)                                           # [S, T]
     per_snapshot = [float(best[s][present[s]].mean()) if present[s].any() else float("nan")
                     for s in range(best.shape[0])]
@@ -58,8 +56,7 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
         out["snapshots"] = [int(i) for i in snapshots]
         out["note"] = "trained on a subset of the snapshots: emergence is not measured"
         return out
-    mean_cos = (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]   # [T, F]
-    match = mean_cos.argmax(-1)                                  # [T]: each true feature's learned match
+    match = mean_cosine_where_present(cos, present).argmax(-1)  # [T]: each true feature's learned match
     out.update(_kinds_and_rotation(W, truth, match, emergence_threshold))
     emergent = np.flatnonzero(np.asarray(truth.emergence_snapshot) >= 0)
     if emergent.size:
@@ -75,6 +72,19 @@ def planted_recovery(W_dec: np.ndarray, truth, *, snapshots=None, threshold: flo
 PLANTED_TO_KIND = {"persistent": evolution.KIND_PERSISTENT, "emergent": evolution.KIND_EMERGENT,
                    "init_decay": evolution.KIND_INITIALISATION, "transient": evolution.KIND_TRANSIENT}
 
+
+
+def direction_cosines(true_dirs: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """[S, T, D] planted directions, [S, F, D] decoder rows -> [S, T, F] cosines at each snapshot."""
+    learned = W / np.maximum(np.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
+    true_unit = true_dirs / np.maximum(np.linalg.norm(true_dirs, axis=-1, keepdims=True), 1e-12)
+    return np.einsum("std,sfd->stf", true_unit, learned)
+
+
+def mean_cosine_where_present(cos: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """[S, T, F] cosines, [S, T] bool -> [T, F]: each pair's mean cosine over the snapshots where the true feature
+    is present (the matching rule of planted recovery and of separability against planted strength)."""
+    return (cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]
 
 def _kinds_and_rotation(W: np.ndarray, truth, match: np.ndarray, present: float) -> dict:
     from crossjax.analysis.trajectories import rotation_matrix

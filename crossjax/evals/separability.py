@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crossjax.analysis import separability
+from crossjax.analysis import recovery, separability
 
 
 def evaluate(run) -> dict | None:
@@ -28,11 +28,9 @@ def _against_planted_strength(run, out: dict) -> dict:
     from crossjax import planted
     truth = planted.load_truth(run.store.url)
     w = np.asarray(run.host_params["W_dec"], np.float64)[:, out["features"]]            # [S, k, D]
-    learned = w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
     strengths = np.asarray(truth.strengths, np.float64)                                  # [S, T]
-    present = strengths > 0
-    cos = np.einsum("std,skd->stk", np.asarray(truth.directions, np.float64), learned)  # [S, T, k]
-    match = ((cos * present[:, :, None]).sum(0) / np.maximum(present.sum(0), 1)[:, None]).argmax(0)   # [k]
+    cos = recovery.direction_cosines(np.asarray(truth.directions, np.float64), w)      # [S, T, k]
+    match = recovery.mean_cosine_where_present(cos, strengths > 0).argmax(0)           # [k]
     rho = [separability.spearman(np.asarray(out["auc"][i]), strengths[:, t]) for i, t in enumerate(match)]
     finite = np.array([r for r in rho if np.isfinite(r)])
     return {"matched_true_features": match.tolist(),
