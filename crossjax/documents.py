@@ -8,11 +8,14 @@ Sources (``tokens.source``):
   of text dumps of web corpora). Documents are read lazily from byte ranges found in one scan.
 - ``jsonl``: ``path`` as above (``*.jsonl`` under a directory). One JSON object per non-blank line; the document is
   its ``text_field``. Lines are indexed by byte offset in one scan and read lazily.
-- ``hf_dataset``: a Hugging Face ``datasets`` dataset: ``path`` is a directory written by ``save_to_disk``
-  (``load_from_disk``) or, when online, a dataset name for ``load_dataset(path, split=split)``.
+- ``hf_dataset``: a Hugging Face ``datasets`` dataset. A directory written by ``save_to_disk`` is read with
+  ``load_from_disk`` (random access); anything else (a Hub name such as ``cerebras/SlimPajama-627B``, or a local
+  directory of data files such as a Hub dataset's download) is streamed with
+  ``load_dataset(path, split=split, streaming=True)``: nothing is downloaded whole.
 
-Every source is a lazy random-access sequence of texts in source order; :mod:`crossjax.tokens` visits it in a
-seeded order.
+Every source but a stream is a lazy random-access sequence of texts in source order (:func:`open_documents`);
+:func:`open_units` gives any source as the units :mod:`crossjax.document_stream` describes, the seeded order
+:mod:`crossjax.tokens` visits.
 """
 
 from __future__ import annotations
@@ -25,14 +28,30 @@ from typing import Sequence
 
 import numpy as np
 
+from crossjax.document_stream import SequenceUnits, StreamUnits, open_stream
 from crossjax.errors import CrossjaxError
 
 SOURCES = ("offline", "text", "jsonl", "hf_dataset")
 TEXT_SEPARATOR = "<|endoftext|>"
 
 
+def open_units(section) -> SequenceUnits | StreamUnits:
+    """The documents of ``section`` in units, in the seeded order of ``section.seed``."""
+    if section.source == "hf_dataset" and section.path and _is_stream(section.path):
+        _import_datasets()
+        return open_stream(section.path, section.split, section.text_field, int(section.seed))
+    return SequenceUnits(open_documents(section), int(section.seed))
+
+
+def _is_stream(path: str) -> bool:
+    """A dataset path that is not a save_to_disk directory (a Dataset's state.json or a DatasetDict's
+    dataset_dict.json) is read as a stream."""
+    return not (os.path.isfile(os.path.join(path, "state.json"))
+                or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+
+
 def open_documents(section) -> Sequence[str]:
-    """The documents of ``section`` as a lazy random-access sequence (source order)."""
+    """The documents of a random-access ``section`` as a lazy sequence (source order)."""
     source = section.source
     if source == "offline":
         return _offline_documents(section.split)
@@ -158,21 +177,23 @@ class _DatasetDocuments(Sequence[str]):
         return [_as_text(v, self.text_field, f"{self.where} row {i}") for i, v in zip(indices, column)]
 
 
-def _hf_documents(path: str, split: str, text_field: str) -> Sequence[str]:
+def _import_datasets():
     try:
         import datasets
     except ImportError as e:
-        raise CrossjaxError("tokens.source='hf_dataset' needs the `datasets` package: pip install datasets") from e
+        raise CrossjaxError("tokens.source='hf_dataset' needs the `datasets` package: pip install datasets "
+                            "(or pip install 'crossjax[hf]').") from e
+    return datasets
+
+
+def _hf_documents(path: str, split: str, text_field: str) -> Sequence[str]:
+    datasets = _import_datasets()
     if not path:
         raise CrossjaxError("tokens.path is empty; set it to a save_to_disk directory or a dataset name.")
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-    else:
-        try:
-            ds = datasets.load_dataset(path, split=split)
-        except Exception as e:  # offline, unknown name, ...: report with the fix
-            raise CrossjaxError(f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: {e}); "
-                                f"save it with Dataset.save_to_disk and set tokens.path to that directory.") from e
+    if _is_stream(path):
+        raise CrossjaxError(f"dataset {path!r} is not a save_to_disk directory, so it is read as a stream, "
+                            f"without random access; read it through documents.open_units.")
+    ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise CrossjaxError(f"dataset {path!r} has no split {split!r} (splits: {sorted(ds)}); "
