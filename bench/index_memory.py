@@ -10,6 +10,10 @@ growths should agree (the token pass that collects context windows reads at most
 
     python bench/index_memory.py                        # 2x and 8x of 16384 rows, S=4, D=64, F=1024
     python bench/index_memory.py --features 4096 --large 16
+    python bench/index_memory.py --processes 2            # two processes joined by jax.distributed on localhost
+
+With --processes P, every process reads its 1/P of the rows and holds the whole per-feature state (merged
+exactly at the end, crossjax/analysis/index_merge.py): figures per process, the largest growth reported.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-rows", type=int, default=2048)
     p.add_argument("--block-rows", type=int, default=4096)
     p.add_argument("--histogram-bins", type=int, default=32)
+    p.add_argument("--processes", type=int, default=1,
+                   help="build with this many processes joined by jax.distributed on localhost, each reading its "
+                        "share of the rows (figures per process)")
     p.add_argument("--child", nargs=2, metavar=("EXPORT", "STORE"), help=argparse.SUPPRESS)
+    p.add_argument("--child-process", nargs=2, type=int, metavar=("PORT", "ID"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -76,9 +85,16 @@ def write_export(path: str, args) -> None:
 
 
 def measure(export: str, store_url: str, args) -> dict:
-    """One fresh process: warm-up build, then the measured build."""
+    """One fresh process (one of --processes when args.child_process is set): warm-up build, then the measured
+    build."""
+    if args.child_process:
+        import jax
+        port, process_id = args.child_process
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=args.processes,
+                                   process_id=process_id)
     import psutil
 
+    from crossjax.analysis import index_merge
     from crossjax.analysis.lookup import FeatureIndex
 
     build = dict(top_k=args.top_k, batch_rows=args.batch_rows, histogram_bins=args.histogram_bins, progress=False)
@@ -88,9 +104,33 @@ def measure(export: str, store_url: str, args) -> dict:
     with PeakRss() as rss:
         index = FeatureIndex.build(export, store_url, **build)
     seconds = time.perf_counter() - t0
-    return {"rows": index.rows_scanned, "seconds": round(seconds, 2),
+    start, stop = index_merge.row_share(index.rows_scanned, args.batch_rows) if args.child_process else \
+        (0, index.rows_scanned)
+    return {"rows": index.rows_scanned, "rows_read": stop - start, "seconds": round(seconds, 2),
             "rows_per_s": round(index.rows_scanned / seconds), "rss_before_mib": round(before / 2 ** 20, 1),
             "peak_rss_growth_mib": round((rss.peak - before) / 2 ** 20, 1)}
+
+
+def run_children(child: list[str], processes: int) -> dict:
+    """The figures of one build: one child, or `processes` children joined on a free localhost port (then the
+    largest growth and time of any of them, and each one's rows read and growth)."""
+    if processes == 1:
+        out = subprocess.run(child, check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([*child, "--child-process", str(port), str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(processes)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        sys.exit(f"a benchmark process failed (exit codes {[p.returncode for p in procs]})")
+    each = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    return {"rows": each[0]["rows"], "seconds": max(r["seconds"] for r in each),
+            "rows_per_s": round(each[0]["rows"] / max(r["seconds"] for r in each)),
+            "rss_before_mib": max(r["rss_before_mib"] for r in each),
+            "peak_rss_growth_mib": max(r["peak_rss_growth_mib"] for r in each),
+            "per_process": [{k: r[k] for k in ("rows_read", "peak_rss_growth_mib")} for r in each]}
 
 
 def main(argv=None):
@@ -112,8 +152,7 @@ def main(argv=None):
             write_store(url, rows, args)
             child = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
                      "--child", export, url]
-            out = subprocess.run(child, check=True, capture_output=True, text=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = run_children(child, args.processes)
             result["store_mib"] = round(rows * (args.snapshots * args.d_model * 2 + 12) / 2 ** 20, 1)
             results.append(result)
             shutil.rmtree(url, ignore_errors=True)
@@ -123,6 +162,7 @@ def main(argv=None):
         print(json.dumps({
             "bench": "index_memory", "snapshots": s, "d_model": args.d_model, "features": f,
             "activation": args.activation, "top_k": k, "batch_rows": args.batch_rows, "histogram_bins": b,
+            "processes": args.processes,
             "index_state_mib": round(state / 2 ** 20, 1),
             "sizes": results,
             "rows_ratio": round(large["rows"] / small["rows"], 2),

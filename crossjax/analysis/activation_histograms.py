@@ -33,9 +33,9 @@ def check_bins(where: str, bins) -> int:
 
 
 def init(num_snapshots: int, num_features: int, bins: int) -> dict:
-    """Empty device histograms: counts [S,F,B] int32, exponent [F] int32."""
-    return {"counts": jnp.zeros((num_snapshots, num_features, bins), jnp.int32),
-            "exponent": jnp.full((num_features,), EMPTY, jnp.int32)}
+    """Empty histograms (host arrays, to be placed on the devices): counts [S,F,B] int32, exponent [F] int32."""
+    return {"counts": np.zeros((num_snapshots, num_features, bins), np.int32),
+            "exponent": np.full((num_features,), EMPTY, np.int32)}
 
 
 def _merge(counts, shift):
@@ -82,6 +82,14 @@ def _merge_host(counts: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return out
 
 
+def widen(counts: np.ndarray, exponent: np.ndarray, to_exponent: np.ndarray, bins: int) -> np.ndarray:
+    """Host counts [S,F,B] binned at `exponent` [F], rebinned at the larger or equal `to_exponent` [F]: the counts
+    binning the same values at `to_exponent` gives (bins of width w merge into bins of width w 2^d)."""
+    log2_bins = int(bins).bit_length() - 1
+    shift = np.clip(np.asarray(to_exponent, np.int64) - np.asarray(exponent, np.int64), 0, log2_bins)
+    return _merge_host(counts, shift) if shift.any() else counts
+
+
 class Totals:
     """int64 host counts of a device histogram: `add` every batch of `rows` rows; device counts that could reach
     the int32 limit are moved here (and zeroed on the device)."""
@@ -102,8 +110,7 @@ class Totals:
 
     def _absorb(self, hist: dict) -> None:
         exponent = np.asarray(hist["exponent"])
-        log2_bins = self.counts.shape[2].bit_length() - 1
-        self.counts = _merge_host(self.counts, np.clip(exponent - self.exponent, 0, log2_bins).astype(np.int64))
+        self.counts = widen(self.counts, self.exponent, exponent, self.counts.shape[2])
         self.counts += np.asarray(hist["counts"], np.int64)
         self.exponent = exponent.copy()
 

@@ -3,9 +3,10 @@
 `scan` reads the store ``batch_rows`` rows at a time (memory: one batch plus the per-feature statistics, none of
 which grows with the store), then the store's token arrays only (12 bytes per row) to collect the tokens around
 every top example. Statistics per feature: how often it is active (per snapshot too, for JumpReLU's per-snapshot
-gates), its mean activation when active, the ``top_k`` rows with the largest activation (ties: the lower row, by a
-streaming top-k merge) with the snapshots whose gate opens on each, activation histograms per snapshot
-(crossjax.analysis.activation_histograms), and the decoder-norm evolution (crossjax.analysis.evolution).
+gates), its mean activation when active (from an exact sum: crossjax/analysis/exact_sum.py), the ``top_k`` rows
+with the largest activation (ties: the lower row, by a streaming top-k merge) with the snapshots whose gate opens
+on each, activation histograms per snapshot (crossjax.analysis.activation_histograms), and the decoder-norm
+evolution (crossjax.analysis.evolution).
 
 A feature's activation on a row is its value in crosscoder.forward: relu/topk/batchtopk give one value per row;
 for JumpReLU the value f[b,s,i] = h[b,i] 1[h n[s,i] > theta_i] is h in every snapshot whose gate opens, so the
@@ -18,12 +19,17 @@ the snapshot's own top-k (fewer where fewer rows fire there). The scan keeps, wi
 snapshot as the step computed it (``top_gate [F,k,S]``: memory F x k x S bytes, flat in the store's size); shared
 activations (relu, topk, batchtopk) fire in every snapshot at once.
 
+Devices and processes: the features are split over each process's local devices (crossjax/analysis/index_pass.py);
+under jax.distributed every process streams its own contiguous run of the batches and reads only those rows (and
+its run of blocks of the token arrays), and the per-feature statistics are merged exactly
+(crossjax/analysis/index_merge.py): every process holds the index one process would have built. Every process of
+the job must call `scan` (FeatureIndex.build) with the same arguments; FeatureIndex.save writes on process 0.
+
 The export and the store are found from a training workdir (export/ + summary.json) or an export directory.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -35,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossjax import console, crosscoder
-from crossjax.analysis import activation_histograms, evolution
+from crossjax.analysis import activation_histograms, evolution, exact_sum, index_merge, index_pass
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
 from crossjax.summary import SUMMARY_FILE, RunSummary
@@ -212,47 +218,8 @@ def number_arg(where: str, name: str, value, *, low: float, high: float) -> floa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The scan: one jitted step per batch of rows
-
-
-def _feature_values(params, x, cfg: crosscoder.CrosscoderConfig):
-    """x [B,S,D] normalised -> (a [B,F] activation per row, values [B,S',F] per snapshot: S' = S for JumpReLU's
-    per-snapshot gates, 1 for activations shared by every snapshot)."""
-    h = crosscoder.encode(params, x)
-    acts = crosscoder.activate(params, h, cfg)
-    if acts.ndim == 3:  # jumprelu, gated per snapshot: [B,S,F]; open gates carry h > 0
-        return jnp.where(jnp.any(acts > 0, axis=1), h, 0.0), acts
-    return acts, acts[:, None, :]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _scan_step(top, hist, params, acts, scales, rows, context_ids, positions, token_ids, *, cfg, k):
-    """Folds one batch (acts [B,S,D] storage dtype, token arrays [B]) into the running top-k `top` ({.. [F,k]},
-    gate [F,k,S]) and the histograms `hist` (activation_histograms).
-
-    Returns (top, hist, count [F], act_sum [F], per_snapshot [S,F]) with the batch's own counts and sums.
-    """
-    a, values = _feature_values(params, crosscoder.normalize(acts, scales), cfg)
-    active = a > 0
-    gate = jnp.broadcast_to(values > 0, (a.shape[0], cfg.num_snapshots, a.shape[1]))  # [B,S,F]
-    cand = jnp.where(active, a, -jnp.inf).T  # [F,B]; inactive rows never enter the top-k
-    vals, idx = jax.lax.top_k(cand, min(k, cand.shape[1]))
-    batch = {"value": vals, "row": rows[idx], "context": context_ids[idx], "position": positions[idx],
-             "token": token_ids[idx],
-             "gate": jnp.take_along_axis(jnp.transpose(gate, (2, 0, 1)), idx[:, :, None], axis=1)}
-    # running entries first: they hold lower rows, and top_k keeps the lower index among equal values
-    merged = {n: jnp.concatenate([top[n], batch[n]], axis=1) for n in top}
-    _, pick = jax.lax.top_k(merged["value"], k)
-    top = {n: jnp.take_along_axis(v, pick if v.ndim == 2 else pick[:, :, None], axis=1) for n, v in merged.items()}
-    hist = activation_histograms.update(hist, values)
-    per_snapshot = jnp.sum(gate, axis=0, dtype=jnp.int32)
-    return top, hist, jnp.sum(active, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0), per_snapshot
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def row_values(params, acts, scales, *, cfg):
-    """Each row's feature activations a [B,F] of one batch acts [B,S,D] (storage dtype)."""
-    return _feature_values(params, crosscoder.normalize(acts, scales), cfg)[0]
+# The scan: crossjax/analysis/index_pass.py streams the rows; under jax.distributed each process streams its share
+# and crossjax/analysis/index_merge.py merges them
 
 
 def window_keys(context: np.ndarray, position: np.ndarray, window: int) -> np.ndarray:
@@ -264,15 +231,17 @@ def window_keys(context: np.ndarray, position: np.ndarray, window: int) -> np.nd
     return np.unique((ctx[keep] << 32) | pos[keep])
 
 
-def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, tokens): the stored token of every wanted key (context << 32 | position) that is a row of the store.
+def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool,
+                   rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, tokens): the stored token of every wanted key (context << 32 | position) that is a row of the store
+    (of its rows [start, stop) when `rows` is given).
 
     One pass over the token arrays, ``_TOKEN_CHUNK`` rows at a time; memory is bounded by ``wanted``.
     """
     found_keys, found_tokens = [], []
-    n = store.meta.num_rows
-    bar = console.progress("index.windows", n, unit="row", unit_scale=True, enabled=progress)
-    for a in range(0, n, _TOKEN_CHUNK):
+    start, n = (0, store.meta.num_rows) if rows is None else rows
+    bar = console.progress("index.windows", n - start, unit="row", unit_scale=True, enabled=progress)
+    for a in range(start, n, _TOKEN_CHUNK):
         b = min(a + _TOKEN_CHUNK, n)
         t = store.read_tokens(a, b)
         keys = (t["context_ids"].astype(np.int64) << 32) | t["positions"].astype(np.int64)
@@ -286,27 +255,6 @@ def collect_tokens(store: ActivationStore, wanted: np.ndarray, *, progress: bool
     tokens = np.concatenate(found_tokens) if found_tokens else np.zeros(0, np.int32)
     keys, first = np.unique(keys, return_index=True)  # a well-formed store has each (context, position) once
     return keys, tokens[first].astype(np.int32)
-
-
-# the feature axis of each crosscoder parameter (None: not split); the pass splits features over the local devices
-FEATURE_AXIS_OF_PARAM = {"W_enc": 2, "W_dec": 1, "b_enc": 0, "log_threshold": 0, "b_dec": None}
-
-
-def _feature_placement(num_features: int):
-    """place(array, axis): the array split along `axis` over every local device on one 'feature' mesh axis (each
-    device keeps the top rows and histograms of its own features), or left on the default device when there is
-    one device or the features do not divide evenly."""
-    devices = jax.local_devices()
-    if len(devices) == 1 or num_features % len(devices):
-        return lambda x, axis: x
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("feature",))
-
-    def place(x, axis):
-        spec = [None] * x.ndim
-        if axis is not None:
-            spec[axis] = "feature"
-        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-    return place
 
 
 def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max_rows: int | None, top_k: int,
@@ -338,58 +286,49 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
 
     n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
     f = cfg.num_features
-    place = _feature_placement(f)
-    params = {k: place(jnp.asarray(v), FEATURE_AXIS_OF_PARAM[k]) for k, v in params_np.items()}
-    scales_j = jnp.asarray(scales)
-    top = {"value": jnp.full((f, top_k), -jnp.inf, jnp.float32)}
-    for name in ("row", "context", "position", "token"):
-        top[name] = jnp.full((f, top_k), -1, jnp.int32)
-    top["gate"] = jnp.zeros((f, top_k, cfg.num_snapshots), bool)
-    top = {name: place(v, 0) for name, v in top.items()}
-    hist = activation_histograms.init(cfg.num_snapshots if cfg.activation == "jumprelu" else 1, f, histogram_bins)
-    hist = {"counts": place(hist["counts"], 1), "exponent": place(hist["exponent"], 0)}
-    hist_totals = activation_histograms.Totals(hist)
-    count = np.zeros(f, np.int64)
-    act_sum = np.zeros(f, np.float64)
-    per_snapshot = np.zeros((cfg.num_snapshots, f), np.int64)
-    bar = console.progress("index", n, unit="row", unit_scale=True, enabled=progress)
-    for a in range(0, n, batch_rows):
-        b = min(a + batch_rows, n)
-        acts = read_columns(store, a, b, columns)
-        t = store.read_tokens(a, b)
-        rows = np.arange(a, b, dtype=np.int32)
-        top, hist, c, s, ps = _scan_step(top, hist, params, acts, scales_j, rows, t["context_ids"], t["positions"],
-                                         t["token_ids"], cfg=cfg, k=int(top_k))
-        hist = hist_totals.add(hist, b - a, min(batch_rows, n - b))
-        count += np.asarray(c)  # host accumulators: exact counts, float64 sums over many batches
-        act_sum += np.asarray(s, np.float64)
-        per_snapshot += np.asarray(ps)
-        bar.update(b - a)
-    bar.close()
+    export_sha256 = file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+    store_meta_sha256 = hashlib.sha256(store.meta.to_json()).hexdigest()
+    several = index_merge.distributed()
+    if several:
+        index_merge.check_same_settings({
+            "export_sha256": export_sha256, "store_meta_sha256": store_meta_sha256, "store_columns": columns,
+            "rows": n, "top_k": top_k, "batch_rows": batch_rows, "window": window, "histogram_bins": histogram_bins,
+            "emergence_threshold": emergence_threshold})
+        console.say("index", f"{n} rows over {jax.process_count()} processes, each reading its own run of batches",
+                    enabled=progress)
+    start, stop = index_merge.row_share(n, batch_rows) if several else (0, n)
+    part = _on_every_process(several, lambda: index_pass.stream(
+        lambda a, b: read_columns(store, a, b, columns), store.read_tokens, params_np, scales, cfg, start=start,
+        stop=stop, top_k=top_k, batch_rows=batch_rows, histogram_bins=histogram_bins, progress=progress))
+    if several:
+        part = index_merge.merge_parts(part, histogram_bins)
 
-    top = {name: np.array(v) for name, v in top.items()}  # writable host copies
+    top = part.top
     empty = ~np.isfinite(top["value"])
     top["value"][empty] = 0.0
-    for name in ("row", "context", "position", "token"):
+    for name in index_pass.TOP_FIELDS:
         top[name][empty] = -1
     top["gate"][empty] = False
-    hist_counts, hist_exponent = hist_totals.result(hist)
+    hist_counts = part.hist_counts
     filled = ~empty
     wanted = window_keys(top["context"][filled], top["position"][filled], int(window))
-    if len(wanted):
-        keys, tokens = collect_tokens(store, wanted, progress=progress)
+    if len(wanted):  # the same on every process: the top rows are merged
+        rows = index_merge.block_share(store.meta.num_rows, store.meta.block_rows) if several else None
+        keys, tokens = _on_every_process(several, lambda: collect_tokens(store, wanted, progress=progress, rows=rows))
+        if several:
+            keys, tokens = index_merge.merge_found_tokens(keys, tokens)
     else:
         keys, tokens = np.zeros(0, np.int64), np.zeros(0, np.int32)
 
     w_dec = params_np["W_dec"]
     arrays = {
-        "count": count, "act_sum": act_sum, "count_per_snapshot": per_snapshot,
+        "count": part.count, "act_sum": exact_sum.to_float64(part.act_sum), "count_per_snapshot": part.per_snapshot,
         "top_value": top["value"].astype(np.float32), "top_row": top["row"].astype(np.int64),
         "top_context": top["context"], "top_position": top["position"], "top_token": top["token"],
         "top_gate": top["gate"].astype(np.uint8),
         # shared activations: one histogram, the same at every snapshot
         "histogram_counts": np.broadcast_to(hist_counts, (cfg.num_snapshots, *hist_counts.shape[1:])).copy(),
-        "histogram_exponent": hist_exponent,
+        "histogram_exponent": part.hist_exponent,
         "norms": evolution.decoder_norms(w_dec),
         "consecutive_cosine": evolution.consecutive_cosine(w_dec).reshape(max(cfg.num_snapshots - 1, 0), f),
         "cosine_to_final": evolution.cosine_to_snapshot(w_dec, -1),
@@ -403,8 +342,8 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
         "store_rows": int(store.meta.num_rows), "top_k": int(top_k), "batch_rows": int(batch_rows),
         "window": int(window), "emergence_threshold": float(emergence_threshold),
         "context_len": store.meta.context_len, "export_dir": str(export.resolve()),
-        "export_sha256": file_sha256(export / crosscoder.EXPORT_WEIGHTS), "store_url": store.url,
-        "store_meta_sha256": hashlib.sha256(store.meta.to_json()).hexdigest(), "histogram_bins": histogram_bins,
+        "export_sha256": export_sha256, "store_url": store.url, "store_meta_sha256": store_meta_sha256,
+        "histogram_bins": histogram_bins,
         # what FeatureIndex.run needs to reproduce the stored rows from new text, without the store
         "workdir": trained_on.workdir if trained_on else "", "hook": store.meta.hook, "store_dtype": store.meta.dtype,
         "snapshot_hashes": (None if store.meta.snapshot_hashes is None else
@@ -412,4 +351,17 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
         "tokenizer_sha256": (store.meta.extra.get("tokenizer") or {}).get("sha256"),
     }
     # later queries run on the default device, as those of a loaded index do (the same numbers to the last bit)
-    return Scan(arrays, info, ({k: jnp.asarray(v) for k, v in params_np.items()}, scales_j, cfg), store)
+    return Scan(arrays, info, ({k: jnp.asarray(v) for k, v in params_np.items()}, jnp.asarray(scales), cfg), store)
+
+
+def _on_every_process(several: bool, work):
+    """work(); with several processes, an error on any of them is raised on all (index_merge.check_all_succeeded)
+    before they go on to the next collective."""
+    if not several:
+        return work()
+    try:
+        out = work()
+    except Exception as e:  # noqa: BLE001 - re-raised here, and named to the other processes
+        index_merge.check_all_succeeded(e)
+    index_merge.check_all_succeeded(None)
+    return out

@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from crossjax import crosscoder
-from crossjax.analysis import activation_histograms, evolution, index_build
+from crossjax.analysis import activation_histograms, evolution, index_build, index_pass
 from crossjax.analysis.index_results import Example, FeatureReport, Histogram
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write, atomic_write_text
@@ -106,6 +107,8 @@ class FeatureIndex:
         max_rows: scan only the first rows (the store's rows are shuffled, so this is a random sample).
         window: positions on each side of a top example whose tokens are kept for :meth:`top_examples`.
         histogram_bins: bins of each feature's activation histograms (a power of two; :meth:`histogram`).
+        Under jax.distributed every process calls build with the same arguments: each reads only its share of the
+        rows and all get the index one process would build (crossjax/analysis/index_merge.py).
         """
         scan = index_build.scan(export_dir_or_workdir, store_url, max_rows=max_rows, top_k=top_k,
                                 batch_rows=batch_rows, window=window, emergence_threshold=emergence_threshold,
@@ -118,8 +121,11 @@ class FeatureIndex:
     # ---- saving --------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path."""
+        """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path.
+        Under jax.distributed only process 0 writes (every process holds the same index)."""
         p = _path_arg("FeatureIndex.save", path)
+        if jax.process_index() != 0:
+            return str(p)
         if p.exists() and not p.is_dir():
             raise CrossjaxError(f"{p} is a file: FeatureIndex.save writes a directory; choose another path.")
         p.mkdir(parents=True, exist_ok=True)
@@ -343,10 +349,10 @@ class FeatureIndex:
             a0 = row // b * b
             end = self.rows_scanned if row < self.rows_scanned else store.meta.num_rows
             acts = index_build.read_columns(store, a0, min(a0 + b, end), self.info.get("store_columns"))
-            a = np.asarray(index_build.row_values(params, acts, scales, cfg=cfg))[row - a0]
+            a = np.asarray(index_pass.row_values(params, acts, scales, cfg=cfg))[row - a0]
         else:
             acts = index_build.read_columns(store, row, row + 1, self.info.get("store_columns"))
-            a = np.asarray(index_build.row_values(params, acts, scales, cfg=cfg))[0]
+            a = np.asarray(index_pass.row_values(params, acts, scales, cfg=cfg))[0]
         active = np.flatnonzero(a > 0)
         order = active[np.lexsort((active, -a[active]))][:k]
         return [(int(f), float(a[f])) for f in order]

@@ -190,3 +190,12 @@ def test_query_arguments_are_checked(saved):
         with pytest.raises(CrossjaxError, match=problem):
             call()
     assert len(index.search(min_frequency=0, max_frequency=1)) == F  # the good path is unchanged
+
+
+def test_activations_that_overflow_float32_are_named(run, tmp_path):
+    params, scales, cfg = crosscoder.load_exported(str(run / "export"))
+    params = dict(params, W_enc=np.asarray(params["W_enc"]) * np.float32(1e37))  # finite weights, infinite sums
+    crosscoder.export_params(params, scales, cfg, str(tmp_path / "export"))
+    with pytest.raises(CrossjaxError, match=r"the activations of features \[.*\] on rows \[0, 100\) overflow "
+                       r"float32: .*index it over the store it was trained on"):
+        FeatureIndex.build(tmp_path / "export", str(run / "store"), **BUILD)
