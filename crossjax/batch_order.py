@@ -1,7 +1,8 @@
 """Which store rows form which batch: a pure function of the seed and the loader's settings (numpy, no I/O).
 
 Order of rows (a pure function of the seed, the selected blocks, the global batch, ``window_blocks`` and
-``streams``; not of timing, and not of the process count once ``streams`` is set):
+``streams``; not of timing, the process count or the mesh: processes only choose which rows of each batch they
+build):
 
 1. Epoch ``e`` permutes the selected blocks with a generator seeded by ``(seed, e)``.
 2. The permuted blocks are dealt round-robin to ``streams`` read streams (stream ``g`` takes every

@@ -1,30 +1,41 @@
-"""Checkpoints of the training state and the data iterator, saved together so a resumed run sees the same batches.
+"""Checkpoints of the training state and the loader position, saved together so a resumed run sees the same batches.
 
 A thin layer over orbax's CheckpointManager: async saves (the step loop does not wait for the disk), the last N
-kept, unfinished saves (a process killed mid-write) ignored and cleaned up, restore onto any mesh: the target is a
-pytree of jax.ShapeDtypeStruct carrying the new shardings and orbax reshards while reading.
+kept, unfinished saves (a process killed mid-write) ignored and cleaned up, restore onto any mesh and any number of
+processes: the target is a pytree of jax.ShapeDtypeStruct carrying the new shardings and orbax reshards while
+reading. Every process takes part in a save (each writes the shards it holds) and in a restore.
+
+Layout of a step directory: `state/` (orbax pytree) and `loader/position.json` (the loader position, written
+once by process 0: the batch order does not depend on the process count, so one position serves any number of
+processes). Checkpoints of earlier versions hold the position in `data/`, one grain file per process; they hold
+the same global position, and any one of them is read.
 
 Resuming (restore_latest) takes the newest checkpoint that restores and holds only finite numbers. A damaged one
 (a file truncated or missing, an emptied step directory: a full disk, a copy cut short) is skipped with a message
 and moved to `<directory>.skipped/<step>`: kept for inspection, never taken as the latest again, and its step can
-be saved anew (orbax refuses to save a step whose directory exists).
+be saved anew (orbax refuses to save a step whose directory exists). A position that belongs to another batch
+order (other loader settings) is not damage: it stops the run with the loader's message.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from crossjax import console
 from crossjax.errors import CrossjaxError
 
 SKIPPED_SUFFIX = ".skipped"
+LOADER_ITEM = "loader"          # the loader position, one JSON for every process
+LOADER_FILE = "position.json"
+LEGACY_LOADER_ITEM = "data"     # earlier versions: grain's per-process iterator files (read only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +45,7 @@ class Restored:
 
 
 class Checkpoints:
-    """`directory` holds one sub-directory per saved step: `state/` (orbax pytree) and `data/` (iterator state)."""
+    """`directory` holds one sub-directory per saved step: `state/` (orbax pytree) and `loader/` (position)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
         if keep < 1:
@@ -46,7 +57,9 @@ class Checkpoints:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), LOADER_ITEM: ocp.JsonCheckpointHandler(LOADER_FILE),
+                    LEGACY_LOADER_ITEM: ocp.JsonCheckpointHandler()}   # the last is never read through orbax
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._good: set[int] = set()       # steps known to restore: the one resumed from, those saved and durable
         self._queued: set[int] = set()     # saved here, maybe not yet durable
 
@@ -66,26 +79,40 @@ class Checkpoints:
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
         """Queue a save of `state` (a pytree of jax.Arrays) and, if given, the data iterator's position.
 
-        The iterator state is captured now (synchronously); the arrays are written in the background.
+        Every process calls it. The position (`data_iterator.get_state()`, a JSON dict) is captured now; the
+        arrays are written in the background.
         """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[LOADER_ITEM] = ocp.args.JsonSave(data_iterator.get_state())
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._queued.add(step)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Read step `step` onto the shardings of `abstract_state` (ShapeDtypeStructs); reposition the iterator.
 
-        Returns the restored state pytree. The iterator, if given, is restored in place.
+        Returns the restored state pytree. The iterator, if given, is restored in place (its set_state refuses a
+        position of another batch order with a CrossjaxError).
         """
+        state, position = self._read(step, abstract_state, data_iterator is not None)
+        if data_iterator is not None:
+            data_iterator.set_state(position)
+        return state
+
+    def _read(self, step: int, abstract_state: Any, with_position: bool) -> tuple[Any, dict | None]:
+        """(state on the target's shardings, the saved loader position or None)."""
         if step not in self._manager.all_steps():
             raise CrossjaxError(f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        step_dir = epath.Path(self.directory) / str(step)
+        legacy = with_position and not (step_dir / LOADER_ITEM).exists() and (step_dir / LEGACY_LOADER_ITEM).exists()
+        if with_position and not legacy:
+            items[LOADER_ITEM] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        if not with_position:
+            return restored["state"], None
+        return restored["state"], (_legacy_position(step_dir / LEGACY_LOADER_ITEM) if legacy
+                                   else restored[LOADER_ITEM])
 
     def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None, *,
                        stage: str) -> Restored | None:
@@ -114,9 +141,9 @@ class Checkpoints:
 
     def _attempt(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, str | None]:
         """(state, None) when step `step` restores with finite numbers, else (None, why)."""
-        state, why = None, None
+        state, position, why = None, None, None
         try:
-            state = self.restore(step, abstract_state, data_iterator)
+            state, position = self._read(step, abstract_state, data_iterator is not None)
         except Exception as e:  # orbax, tensorstore and json each raise their own types for a damaged file
             why = f"it does not restore ({_root_cause(e)})"
         if not _on_every_process(why is None):
@@ -124,6 +151,8 @@ class Checkpoints:
         bad = nonfinite_leaves(state)
         if bad:
             return None, f"it holds NaN/Inf in {', '.join(bad[:4])}" + (" ..." if len(bad) > 4 else "")
+        if data_iterator is not None:
+            data_iterator.set_state(position)   # another batch order: the loader's CrossjaxError stops the run
         return state, None
 
     def _set_aside(self, steps: list[int], stage: str) -> None:
@@ -184,6 +213,15 @@ def _on_every_process(ok: bool) -> bool:
         return ok
     from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _legacy_position(directory: epath.Path) -> dict:
+    """The loader position of a checkpoint of an earlier version: grain's `process_<i>-of-<n>.json` files hold the
+    same global position on every process, so any one of them serves any number of processes now."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no loader position (process_*-of-*.json) in {directory}")
+    return json.loads(files[0].read_text())
 
 
 def _unused_path(path: str) -> str:

@@ -2,7 +2,12 @@
 (`run`) that turns bad input into a short message and exit code 2, while a bug keeps its traceback.
 
     python -m crossjax.<command> --config=experiments/x.py[:variant] [--config.a.b=v ...] --workdir=DIR
-        [--distributed [--coordinator=HOST:PORT --num_processes=N --process_id=I]]
+        [--coordinator=HOST:PORT --num_processes=N --process_id=I] [--[no]distributed]
+
+Multi-host (`initialize_distributed`): jax.distributed joins the processes of a run when the environment shows
+one (a Cloud TPU VM; a SLURM step of several tasks started by srun) or the coordinator flags are given; a process
+on its own host with neither is left alone. --distributed also asks for it elsewhere (jax's own cluster
+detection: Open MPI, Kubernetes, ...); --nodistributed never joins.
 
 The experiment file is loaded by configs.load_experiment before absl parses the overrides, so a missing file, a
 syntax error or a variant typo reads as one line naming the fix, and a misspelled override lists the valid keys.
@@ -15,7 +20,7 @@ import logging as std_logging
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,10 +31,12 @@ FLAGS = flags.FLAGS
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment file with get_config(arg), e.g. experiments/synthetic.py:quick", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, export and summary.json")
-DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() before anything else")
-COORDINATOR = flags.DEFINE_string("coordinator", None, "with --distributed: coordinator address host:port")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "join the run's other processes (jax.distributed.initialize) before anything else; default: "
+    "when the environment is a TPU VM or a multi-task SLURM step, or --coordinator is given; --nodistributed: never")
+COORDINATOR = flags.DEFINE_string("coordinator", None, "coordinator address host:port (process 0's host)")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator: number of processes")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator: this process's index")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -139,17 +146,86 @@ class _LogLinesWithoutTracebacks(std_logging.Filter):
 
 
 def _start(body: Callable[[], None]) -> Callable[[], None]:
-    """body preceded by the logging settings and, with --distributed, jax.distributed.initialize()."""
+    """body preceded by the logging settings and, for a multi-host run, jax.distributed.initialize()."""
     def started() -> None:
         if not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # the libraries' INFO chatter (checkpoint threads) hides progress
             logging.get_absl_handler().addFilter(_LogLinesWithoutTracebacks())
-        if DISTRIBUTED.value:
-            import jax
-            jax.distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
-                                       process_id=PROCESS_ID.value)
+        initialize_distributed(DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
         body()
     return started
+
+
+def distributed_settings(requested: bool | None, coordinator: str | None, num_processes: int | None,
+                         process_id: int | None, environ: Mapping[str, str], tpu_vm: bool) -> dict | None:
+    """Keyword arguments for jax.distributed.initialize (an empty dict: jax reads the cluster's environment), or
+    None when this process runs alone. requested: --distributed (True), --nodistributed (False) or neither."""
+    explicit = {"--coordinator": coordinator, "--num_processes": num_processes, "--process_id": process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if requested is False:
+        if given:
+            raise CrossjaxError(f"--nodistributed and {', '.join(given)} contradict each other: drop one of them")
+        return None
+    if given:
+        missing = [k for k, v in explicit.items() if v is None]
+        if missing:
+            raise CrossjaxError(f"--coordinator, --num_processes and --process_id go together: {', '.join(missing)} "
+                                "missing (e.g. --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0 on the "
+                                "first host)")
+        if not re.fullmatch(r"\S+:\d+", coordinator):
+            raise CrossjaxError(f"--coordinator={coordinator}: give HOST:PORT of process 0, e.g. 10.0.0.1:1234")
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            raise CrossjaxError(f"--process_id={process_id} with --num_processes={num_processes}: the index must lie "
+                                f"in 0..{num_processes - 1}")
+        return dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    tasks = _slurm_tasks(environ)
+    if tasks > 1:
+        lacking = [v for v in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID") if v not in environ]
+        if lacking:
+            raise CrossjaxError(f"this SLURM job has {tasks} tasks but {', '.join(lacking)} is not set, so this "
+                                "process was not started by srun: start the command with srun (see "
+                                "launch/gpu_slurm.sbatch), or pass --nodistributed to run it alone")
+        return {}
+    return {} if tpu_vm or requested else None
+
+
+def _slurm_tasks(environ: Mapping[str, str]) -> int:
+    """The task count of the SLURM job step this process belongs to (1 outside SLURM)."""
+    if "SLURM_JOB_ID" not in environ:
+        return 1
+    try:
+        return int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1)
+    except ValueError:
+        return 1
+
+
+def on_tpu_vm() -> bool:
+    """A Cloud TPU VM: libtpu installed and TPU chips attached (the device files, without starting JAX)."""
+    import glob
+    import importlib.util
+    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or
+                                                                   glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize_distributed(requested: bool | None, coordinator: str | None, num_processes: int | None,
+                           process_id: int | None, environ: Mapping[str, str] | None = None) -> bool:
+    """jax.distributed.initialize when `distributed_settings` says so (before any other JAX call); whether it
+    joined. A failure to join is a CrossjaxError naming the settings and the fix."""
+    environ = os.environ if environ is None else environ
+    settings = distributed_settings(requested, coordinator, num_processes, process_id, environ, on_tpu_vm())
+    if settings is None:
+        return False
+    import jax
+    try:
+        jax.distributed.initialize(**settings)
+    except (RuntimeError, ValueError) as e:
+        source = ("the given --coordinator flags" if settings else
+                  f"the SLURM environment (job {environ['SLURM_JOB_ID']})" if _slurm_tasks(environ) > 1 else
+                  "the environment")
+        raise CrossjaxError(f"jax.distributed could not join the run's processes from {source}: {e}. Give "
+                            "--coordinator=HOST:PORT --num_processes=N --process_id=I, or --nodistributed to run this "
+                            "process alone") from e
+    return True
 
 
 def main(command: str, body: Callable[[], None]) -> None:

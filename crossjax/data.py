@@ -5,10 +5,13 @@ windows in the background and building this process's rows of a batch is :mod:`c
 module checks the settings, works out which rows and snapshots this process holds, and yields the batches.
 
 Per-host reading: a process builds only the rows of the global batch that its devices hold (from
-``sharding``), so with the usual ``P('data', 'snapshot', None)`` and ``streams`` a multiple of the process
-count, process ``p`` reads only the windows of its own streams. With ``streams=None`` there is one stream per
-process, so the order then depends on the process count; set ``streams`` explicitly to get the same batches on
-any number of hosts (each host then reads ``streams / process_count`` streams).
+``sharding``), reading only the windows of the streams those rows come from. The stream count is part of the
+order and never depends on the process count or the mesh (default: one stream), so the same settings give the
+same batches on any number of hosts and any mesh, and a saved position restores on any of them. With one stream
+every process reads every window (the whole batch's rows, keeping its own); with ``streams`` a multiple of the
+process count and the usual ``P('data', 'snapshot', None)``, each process reads only the windows of its own
+``streams / process_count`` streams. Other stream counts work on any process count too: a stream whose piece is
+split between processes is read by each of them.
 
 Background work: a thread pool reads the next window of each stream while the current one is consumed, and
 grain's prefetch thread assembles the next ``prefetch`` batches while the training step runs.
@@ -33,6 +36,7 @@ from crossjax.snapshot_names import index_of
 from crossjax.store import ActivationStore
 
 _STATE_VERSION = 1
+DEFAULT_STREAMS = 1  # not the process count: the order must not change with the number of hosts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,9 +47,10 @@ class BatchLoader(grain.DatasetIterator):
     """Iterator of batches ``{"acts": [B, S, D]}`` (+ ``token_ids``/``context_ids``/``positions`` ``[B]``).
 
     Arrays are global ``jax.Array``s with the loader's sharding (numpy when ``sharding`` is None, then only
-    this process's rows). ``get_state()``/``set_state()`` and orbax's ``grain.checkpoint.CheckpointSave/
-    CheckpointRestore`` save and restore the position; a restored loader yields exactly the batches that
-    would have come next. Build it with :func:`make_loader`.
+    this process's rows). ``get_state()``/``set_state()`` save and restore the position (a JSON dict, the same on
+    every process; ``crossjax.checkpoint`` saves it once per checkpoint); a restored loader yields exactly the
+    batches that would have come next, on any number of processes and any mesh. Build it with
+    :func:`make_loader`.
     """
 
     def __init__(self, parent: grain.DatasetIterator, *, order: BatchOrder, windows: WindowCache,
@@ -104,7 +109,11 @@ class BatchLoader(grain.DatasetIterator):
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "next_index": self.next_step, "order": self._order.describe()}
+        """The position, the same on every process: next batch (over all epochs; also as epoch and batch) and the
+        settings that fix the order. It restores on any process count and any mesh."""
+        epoch, batch = self.position
+        return {"version": _STATE_VERSION, "next_index": self.next_step, "epoch": epoch, "batch": batch,
+                "order": self._order.describe()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "next_index" not in state:
@@ -117,9 +126,14 @@ class BatchLoader(grain.DatasetIterator):
         if theirs != mine:
             diff = [f"{k}: saved {theirs.get(k) if isinstance(theirs, dict) else None!r}, now {v!r}"
                     for k, v in mine.items() if not isinstance(theirs, dict) or theirs.get(k) != v]
+            fix = "build the loader with the settings of the run that saved it"
+            if isinstance(theirs, dict) and {k for k in mine if theirs.get(k) != mine[k]} == {"streams"}:
+                # runs of earlier versions with data.streams=0 had one stream per process
+                fix += (f" (streams={theirs['streams']}: for crossjax.train, --config.data.streams="
+                        f"{theirs['streams']}; earlier versions read data.streams=0 as one stream per process)")
             raise CrossjaxError(
-                f"the saved data position belongs to another batch order ({'; '.join(diff)}): build the loader "
-                "with the settings of the run that saved it, or start the data from the beginning."
+                f"the saved data position belongs to another batch order ({'; '.join(diff)}): {fix}, or start the "
+                "data from the beginning."
             )
         step = state["next_index"]
         limit = self.num_batches
@@ -282,7 +296,9 @@ def make_loader(
         bytes, plus a window's worth in transit while ``store.read_blocks`` assembles it.
       num_epochs: passes over the data; None repeats without end.
       with_tokens: also yield ``token_ids``, ``context_ids``, ``positions`` ``[B]`` int32.
-      streams: independent read streams the global batch is assembled from (default: the process count).
+      streams: independent read streams the global batch is assembled from (default: one). Part of the order;
+        any process count works with any stream count, and a multiple of the process count lets each process
+        read only its share of the store.
       prefetch: batches grain assembles ahead in a background thread (0: build each batch on demand).
       snapshots: the store's snapshots to deliver (indices or names), in this order (e.g. ``[3]`` for a
         one-snapshot SAE); all if None. S below is their count.
@@ -301,7 +317,8 @@ def make_loader(
     prefetch = _positive_int("prefetch", prefetch, "give a non-negative number of batches.", allow_zero=True)
     if num_epochs is not None:
         num_epochs = _positive_int("num_epochs", num_epochs, "give a positive number of epochs, or None to repeat.")
-    streams = procs if streams is None else _positive_int("streams", streams, "give a positive number of streams.")
+    streams = (DEFAULT_STREAMS if streams is None
+               else _positive_int("streams", streams, "give a positive number of streams."))
     if global_batch % procs:
         raise CrossjaxError(f"global_batch={global_batch} is not divisible by the {procs} processes: "
                             f"use a multiple of {procs}.")

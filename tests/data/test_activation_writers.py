@@ -3,6 +3,7 @@ before writing, naming it (also as a command); the processes of one run write si
 killed writer is removed with a message and its units are written again, to the bytes of an uninterrupted run."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,25 @@ def test_the_processes_of_one_run_write_side_by_side(root, reference, tmp_path):
         out, err = other.communicate(timeout=300)
     assert other.returncode == 0, err[-3000:]
     assert fx.tree_bytes(store) == reference
+
+
+def test_two_processes_joined_by_jax_distributed_write_the_store_of_one(root, reference, tmp_path):
+    """`python -m crossjax.activations` in two processes of 4 devices each, joined on loopback (gloo): each writes
+    its own groups, and the store has the bytes of one process's."""
+    store = tmp_path / "store"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "crossjax.activations",
+           f"--config={REPO / 'tests' / '_activations_config.py'}:{root}:{store}", f"--workdir={tmp_path}",
+           f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=child_env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert "activations plan (process 0 of 2)" in logs[0] and "activations plan (process 1 of 2)" in logs[1]
+    assert fx.tree_bytes(store) == reference and _claims(store) == []
 
 
 def test_a_killed_writers_claim_is_removed_and_its_units_written_again(root, reference, tmp_path, capsys):

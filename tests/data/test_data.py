@@ -283,31 +283,44 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _merged(a, b):
+    """The global value of two processes' views (NaN where the other process holds it); each value held once."""
+    mine = [~np.isnan(a), ~np.isnan(b)]
+    assert not np.any(mine[0] & mine[1]) and np.all(mine[0] | mine[1])
+    return np.where(mine[0], a, b)
+
+
 def test_two_processes_build_the_single_process_batches(store, tmp_path):
+    """Default settings: the same batches on one process and on two (on two meshes), and a loader position saved
+    on either process count continues on the other with the batches that come next."""
     script = os.path.join(os.path.dirname(__file__), "_data_two_process.py")
+
+    def default(**kw):  # the settings of _data_two_process.py, no stream count given
+        return make_loader(store, global_batch=32, seed=3, sharding=None, window_blocks=2, num_epochs=2, **kw)
+
+    single = list(default(with_tokens=True))
+    acts = np.stack([b["acts"] for b in single]).astype(np.float32)
+    one = default()
+    take(one, 7)
+    position = tmp_path / "position.json"
+    position.write_text(json.dumps(one.get_state()))   # saved by one process after 7 batches
+
     port = _free_port()
     env = child_env(None)          # each process sets its own 4 devices
     outs = [str(tmp_path / f"p{i}.npz") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, script, str(port), str(i), store.url, outs[i]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, script, str(port), str(i), store.url, outs[i], str(position)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     res = [np.load(o) for o in outs]
 
-    # The same settings in one process: streams fixed at 2 makes the order independent of the process count.
-    single = list(make_loader(store, global_batch=32, seed=3, sharding=None, window_blocks=2, num_epochs=2,
-                              with_tokens=True, streams=2))
-    mine = [~np.isnan(r["acts"]) for r in res]
-    assert not np.any(mine[0] & mine[1]) and np.all(mine[0] | mine[1])  # every value held by exactly one process
-    merged = np.where(mine[0], res[0]["acts"], res[1]["acts"])
-    np.testing.assert_array_equal(merged, np.stack([b["acts"] for b in single]).astype(np.float32))
+    merged = _merged(res[0]["acts"], res[1]["acts"])
+    np.testing.assert_array_equal(merged, acts)
     # Split by snapshot instead: each process holds every row of half the snapshots (first epoch only).
     held = [~np.isnan(r["acts_by_snapshot"]) for r in res]
-    assert not np.any(held[0] & held[1]) and np.all(held[0] | held[1])
     assert np.all(held[0][:, :, :2]) or np.all(held[0][:, :, 2:])
-    np.testing.assert_array_equal(np.where(held[0], res[0]["acts_by_snapshot"], res[1]["acts_by_snapshot"]),
-                                  merged[:6])
+    np.testing.assert_array_equal(_merged(res[0]["acts_by_snapshot"], res[1]["acts_by_snapshot"]), acts[:6])
     tok = np.where(res[0]["token_ids"] >= 0, res[0]["token_ids"], res[1]["token_ids"])
     np.testing.assert_array_equal(tok, np.stack([b["token_ids"] for b in single]))
     for r in res:
@@ -315,9 +328,26 @@ def test_two_processes_build_the_single_process_batches(store, tmp_path):
         assert "not divisible by the 2 processes" in str(r["odd_batch_error"])
     np.testing.assert_array_equal(np.sort(np.concatenate([r["local_rows"] for r in res])), np.arange(32))
 
-    # Each process read only its own stream's windows: per epoch, disjoint halves of the store.
+    # 1 -> 2 processes: the position saved above continues with batch 7 on.
+    np.testing.assert_array_equal(_merged(res[0]["acts_resumed"], res[1]["acts_resumed"]), acts[7:])
+    # 2 -> 1: both processes saved the same position after 5 batches; one process continues from it.
+    saved = [json.loads(str(r["position"])) for r in res]
+    assert saved[0] == saved[1] and (saved[0]["next_index"], saved[0]["epoch"], saved[0]["batch"]) == (5, 0, 5)
+    back = default()
+    back.set_state(saved[0])
+    np.testing.assert_array_equal(np.stack([b["acts"] for b in back]).astype(np.float32), acts[5:])
+
+    # Two streams, as one process builds them; each process read only its own stream's windows: per epoch,
+    # disjoint halves of the store.
+    two_streams = list(default(streams=2))
+    np.testing.assert_array_equal(_merged(res[0]["acts_streams"], res[1]["acts_streams"]),
+                                  np.stack([b["acts"] for b in two_streams]).astype(np.float32))
     reads = [json.loads(str(r["reads"])) for r in res]
     assert [len(x) for x in reads] == [6, 6]  # 3 windows of 2 blocks per stream and epoch, 2 epochs
     for epoch in range(2):
         halves = [{b for w in x[3 * epoch:3 * epoch + 3] for b in w} for x in reads]
         assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(12))
+    # Three streams on two processes (the middle one split between them): the one-process batches.
+    uneven = make_loader(store, global_batch=48, seed=3, sharding=None, window_blocks=2, num_epochs=1, streams=3)
+    np.testing.assert_array_equal(_merged(res[0]["acts_uneven"], res[1]["acts_uneven"]),
+                                  np.stack([b["acts"] for b in uneven]).astype(np.float32))

@@ -143,7 +143,22 @@ def _empty(step_dir):
 
 
 def _delete_iterator_state(step_dir):
-    os.remove(os.path.join(step_dir, "data", "process_0-of-1.json"))
+    os.remove(os.path.join(step_dir, ckpt_lib.LOADER_ITEM, ckpt_lib.LOADER_FILE))
+
+
+def _as_earlier_version(checkpoints_dir, process_count: int, **order):
+    """Rewrite every step's loader position in the layout of earlier versions: grain's per-process files in
+    `data/`, as `process_count` processes wrote them; `order` changes fields of the saved batch order."""
+    for step_dir in glob.glob(os.path.join(checkpoints_dir, "[0-9]*")):
+        path = os.path.join(step_dir, ckpt_lib.LOADER_ITEM, ckpt_lib.LOADER_FILE)
+        position = json.load(open(path))
+        position = {"version": 1, "next_index": position["next_index"], "order": {**position["order"], **order}}
+        shutil.rmtree(os.path.dirname(path))
+        os.mkdir(os.path.join(step_dir, ckpt_lib.LEGACY_LOADER_ITEM))
+        for i in range(process_count):
+            with open(os.path.join(step_dir, ckpt_lib.LEGACY_LOADER_ITEM,
+                                   f"process_{i}-of-{process_count}.json"), "w") as f:
+                json.dump(position, f)
 
 
 def _delete_an_array_file(step_dir):
@@ -167,6 +182,28 @@ def test_damaged_latest_checkpoint_is_skipped_and_the_run_ends_as_uninterrupted(
     assert ckpt_lib.Checkpoints(ckdir, keep=3).all_steps() == [4, 6, 8]
     again = trainer.train(_config(), workdir, source, stop_after=STEPS)   # resumes from 8: nothing skipped
     assert "skipping" not in capsys.readouterr().err and again.end_step == STEPS
+
+
+def test_checkpoint_of_an_earlier_version_resumes_on_another_process_count(source, whole, workdir, capsys):
+    """Its per-process position files (here of two processes) hold one global position: one process resumes."""
+    _as_earlier_version(os.path.join(workdir, "checkpoints"), process_count=2)
+    result = trainer.train(_config(), workdir, source)
+    assert "resuming from checkpoint step 6" in capsys.readouterr().err
+    _assert_same_run(result, workdir, whole)
+
+
+def test_position_of_another_batch_order_stops_the_run_and_moves_nothing(source, workdir, capsys):
+    """An earlier version's run with data.streams=0 on two processes had two streams: the fix names them."""
+    ckdir = os.path.join(workdir, "checkpoints")
+    _as_earlier_version(ckdir, process_count=2, streams=2)
+    before = sorted(glob.glob(os.path.join(ckdir, "**"), recursive=True))
+    with pytest.raises(CrossjaxError) as e:
+        trainer.train(_config(), workdir, source)
+    msg = str(e.value)
+    assert "another batch order (streams: saved 2, now 1)" in msg and "--config.data.streams=2" in msg
+    assert "skipping" not in capsys.readouterr().err
+    assert sorted(glob.glob(os.path.join(ckdir, "**"), recursive=True)) == before
+    assert not os.path.exists(ckdir + ckpt_lib.SKIPPED_SUFFIX)
 
 
 def test_no_checkpoint_that_restores_is_an_error_that_changes_nothing(source, workdir):
