@@ -147,8 +147,8 @@ def data_config() -> ConfigDict:
         d_model=0,             # expected width of the stored activations; 0 = whatever the store holds
         scale_rows=16384,      # rows used to estimate the per-snapshot normalisation scales
         window_blocks=8,       # store blocks read and shuffled together by the loader
-        streams=0,             # loader read streams; 0: one per process. Fix it (e.g. 8) to get the same batches,
-                               # and to resume, on any number of hosts
+        streams=0,             # loader read streams (0: one). The batch order never depends on the host count; with
+                               # a multiple of the host count, each host reads only its own streams' windows
         snapshots="",          # comma-separated names (or 0-based indices) of the store's snapshots to train on
                                # ("" = all); one name trains an ordinary per-snapshot SAE on the same store
                                # (crossjax.compare)
@@ -288,6 +288,7 @@ def paper_pythia_run(repo: str, *, d_model: int, hook: str, snapshot_steps, num_
     config = base_config()
     config.data.source = "snapshots"
     config.data.d_model = int(d_model)
+    config.data.streams = 8    # a pod's hosts (up to 8, or a divisor) each read only their own windows
     config.model.repo = repo
     config.model.snapshots = [f"step{n}" for n in snapshot_steps]
     config.model.hook = hook
@@ -412,10 +413,9 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
         problems.append("data.scale_rows and data.window_blocks must be >= 1")
     streams = int(config.data.streams)
     if streams < 0:
-        problems.append(f"data.streams={streams} must be >= 0 (0 = one per process)")
-    elif streams and (int(t.batch_size) % streams or streams % jax.process_count()):
-        problems.append(f"data.streams={streams} must divide train.batch_size={t.batch_size} and be a multiple of "
-                        f"the {jax.process_count()} processes")
+        problems.append(f"data.streams={streams} must be >= 0 (0 = one stream)")
+    elif streams and int(t.batch_size) % streams:
+        problems.append(f"data.streams={streams} must divide train.batch_size={t.batch_size}")
 
     s = num_snapshots(config) if config.data.source in SOURCES else 0
     if config.data.source in SOURCES and store_snapshots(config):
