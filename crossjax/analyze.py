@@ -9,7 +9,8 @@
 --complexity scores --complexity_features emerging features from their top contexts (offline: a formula over the
 contexts; openai/anthropic: an LLM over HTTP with the key from the environment, sent only with --allow_network,
 after printing how many prompts go where; answers cached in DIR/complexity_cache) and prints the correlation of
-emergence step and complexity; everything goes to DIR/complexity_<scorer>.json.
+emergence step and complexity; everything goes to DIR/complexity_<scorer>.json. The top contexts come from the
+run's one FeatureIndex, DIR/index, shared with `python -m crossjax.report` (built by whichever runs first).
 
 --task is a bundled task (ioi, sva, kjv_agreement, kjv_agreement_vocative, induction) or a .jsonl file of
 clean/corrupted pairs (crossjax/attribution/tasks.py gives the format). It needs no --config: the run's snapshots,
@@ -17,6 +18,11 @@ hook and crosscoder are read from DIR/config.json, DIR/summary.json and DIR/expo
 task metric (logit of the right answer minus the wrong one) on the clean and corrupted prompts, and the metric
 with the top-k attributed features ablated against k random active features; everything, with the retention
 curves and each method's top features, goes to DIR/attribution/<task>.json, the per-feature scores to .npz.
+
+Each analysis also leaves its line in DIR/summary.json (evals["attribution"][<task>], evals["complexity"][<scorer>])
+and its section in the next `python -m crossjax.report --workdir=DIR`. At the end of a training run the
+`attribution` evaluator does the --task part (config.evals with attribution, eval.attribution_task and the
+eval.attribution_* settings).
 Errors (an unfinished run, a malformed task line) are one line and exit code 2, as for every crossjax command.
 """
 from __future__ import annotations

@@ -205,6 +205,13 @@ def eval_config() -> ConfigDict:
         phases_tokens=0,            # evals "phases", model snapshots: > 0 measures each snapshot's loss and KL to the
                                     # corpus unigram/bigram statistics over about this many held-out tokens
         phases_stats_tokens=1_000_000,  # training-split tokens the unigram/bigram statistics are counted over
+        attribution_task="",        # evals "attribution", model snapshots: a bundled task (kjv_agreement, ioi, sva,
+                                    # induction, ...) or a .jsonl file attributed at every snapshot ("": skipped)
+        attribution_methods="attribution,clean_minus_corrupted,integrated_gradients",  # each gets its own curves
+        attribution_ig_steps=32,    # integrated-gradients steps (midpoint rule)
+        attribution_draws=3,        # random feature sets averaged per k of the ablation/retention curves
+        attribution_max_k=0,        # largest k of the curves' log grid 1, 2, 4, ... (0: every active feature)
+        attribution_skip_invalid=False,  # leave out pairs the run's tokenizer cannot take instead of stopping
         report=False,               # the train command ends by writing workdir/report/ (crossjax.report)
     ))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -94,28 +95,50 @@ def run_snapshots(workdir: str) -> tuple[list[str], dict[str, str], str, str]:
     return list(summary.snapshots), dirs, str(model["hook"]), export
 
 
+def tokenized_task(task: str, snapshot_dir: str, *, skip_invalid: bool = False) -> tasks_lib.TokenizedTask:
+    """A task (bundled name or .jsonl file) tokenized with the tokenizer of a run's snapshot, prompts capped at the
+    model's context length."""
+    from crossjax import tokens
+    from crossjax.models import snapshot_files
+
+    tokenizer = tokens.load_tokenizer(snapshot_dir)
+    max_len = snapshot_files.read_config(snapshot_files.resolve_snapshot(snapshot_dir)).max_position_embeddings
+    return tasks_lib.tokenize(tasks_lib.load_task(task, tokenizer), tokenizer, skip_invalid=skip_invalid,
+                              max_len=max_len)
+
+
 def analyze_run(workdir: str, task: str, *, snapshots: Sequence[str] | None = None,
                 methods: Sequence[str] = attribute_lib.METHODS, ig_steps: int = 32, draws: int = 3, seed: int = 0,
                 max_k: int | None = None, skip_invalid: bool = False, progress: bool = True) -> dict:
     """analyze() for the run in workdir and a task (bundled name or .jsonl file), tokenized with the run's
-    tokenizer. Writes <workdir>/attribution/<task>.json (figures and curves) and .npz (scores [S',F] and
-    per-position scores [S',T,F] per method, S' the analyzed snapshots) and returns the JSON's content."""
-    from crossjax import tokens
-    from crossjax.files import atomic_write, atomic_write_text
-    from crossjax.models import snapshot_files
+    tokenizer. Writes <workdir>/attribution/<task>.json (figures and curves) and .npz (write_results), records
+    summary_entry in summary.json as evals["attribution"][<task>] and returns the JSON's content."""
+    from crossjax import summary_sections
 
     workdir = os.path.abspath(workdir)
     names, dirs, hook, export = run_snapshots(workdir)
-    tokenizer = tokens.load_tokenizer(dirs[names[0]])
-    max_len = snapshot_files.read_config(snapshot_files.resolve_snapshot(dirs[names[0]])).max_position_embeddings
-    tokenized = tasks_lib.tokenize(tasks_lib.load_task(task, tokenizer), tokenizer, skip_invalid=skip_invalid,
-                                   max_len=max_len)
+    tokenized = tokenized_task(task, dirs[names[0]], skip_invalid=skip_invalid)
     results = analyze(dirs, export, hook, tokenized, targets=snapshots, methods=methods, ig_steps=ig_steps,
                       draws=draws, seed=seed, max_k=max_k, progress=progress)
-    out = {"task": tokenized.name, "pairs": tokenized.num_pairs, "skipped": list(tokenized.skipped), "hook": hook,
-           "workdir": workdir, "ig_steps": ig_steps, "draws": draws, "seed": seed,
+    out = write_results(workdir, tokenized, hook, results, export=export, ig_steps=ig_steps, draws=draws, seed=seed)
+    summary_sections.record(workdir, "attribution", tokenized.name, summary_entry(out))
+    return out
+
+
+def write_results(workdir: str, task: tasks_lib.TokenizedTask, hook: str, results: dict[str, dict], *,
+                  export: str, ig_steps: int, draws: int, seed: int) -> dict:
+    """Write analyze()'s results as <workdir>/attribution/<task>.json (figures and curves, and the hash of the
+    export's weights they come from) and .npz (scores [S',F] and per-position scores [S',T,F] per method, S' the
+    analyzed snapshots); return the JSON's content with "files" added."""
+    from crossjax import crosscoder
+    from crossjax.analysis.index_build import file_sha256
+    from crossjax.files import atomic_write, atomic_write_text
+
+    out = {"task": task.name, "pairs": task.num_pairs, "skipped": list(task.skipped), "hook": hook,
+           "workdir": workdir, "export_sha256": file_sha256(Path(export) / crosscoder.EXPORT_WEIGHTS),
+           "ig_steps": ig_steps, "draws": draws, "seed": seed,
            "snapshots": {n: {**r["attribution"].summary(), "curves": r["curves"]} for n, r in results.items()}}
-    base = os.path.join(workdir, OUT_DIR, tokenized.name)
+    base = os.path.join(workdir, OUT_DIR, task.name)
     os.makedirs(os.path.dirname(base), exist_ok=True)
     atomic_write_text(base + ".json", json.dumps(_finite_or_null(out), indent=1) + "\n")
     arrays = {"snapshots": np.array(list(results))}
@@ -129,6 +152,27 @@ def analyze_run(workdir: str, task: str, *, snapshots: Sequence[str] | None = No
     atomic_write(base + ".npz", write_npz)
     out["files"] = [base + ".json", base + ".npz"]
     return out
+
+
+SUMMARY_K = 16     # the k of the summary's top-k against random ablation (or the largest k below it)
+
+
+def summary_entry(out: dict) -> dict:
+    """The run summary's line for one task: per snapshot the metric, and with the first method's top-k features
+    ablated against k random active ones; the first method's top features at the last snapshot."""
+    names = list(out["snapshots"])
+    method = next(iter(out["snapshots"][names[0]]["curves"]))
+    per_snapshot = {}
+    for name, s in out["snapshots"].items():
+        c = s["curves"][method]
+        i = max([j for j, k in enumerate(c["k"]) if k <= SUMMARY_K], default=None)
+        per_snapshot[name] = {"metric_clean": s["metric_clean"], "metric_corrupted": s["metric_corrupted"],
+                              "k": None if i is None else c["k"][i],
+                              "ablate_top": None if i is None else c["ablate_top"][i],
+                              "ablate_random": None if i is None else c["ablate_random"][i]}
+    top = out["snapshots"][names[-1]]["top"][method]
+    return _finite_or_null({"file": f"{OUT_DIR}/{out['task']}.json", "pairs": out["pairs"], "method": method,
+                            "snapshots": per_snapshot, "top_features": [int(f) for f, _ in top[:5]]})
 
 
 def _finite_or_null(value):

@@ -6,7 +6,8 @@ An evaluator is a module `crossjax/evals/<name>.py` with one function
 
 that measures something about the finished run and returns a JSON-ready dict (stored in the run summary as
 `evals[<name>]`), or None when it does not apply to this run (planted recovery on model snapshots, say). Adding an
-evaluation is adding one such file and naming it in `config.evals` (comma-separated, run in that order).
+evaluation is adding one such file and naming it in `config.evals` (comma-separated, run in that order); it may
+also define `check(config)`, run by `check` before any stage, to refuse its bad settings early.
 The pipeline runs the list at the end of every run; `crossjax.compare` runs the same list on each SAE.
 """
 from __future__ import annotations
@@ -56,6 +57,16 @@ def names(spec: str) -> list[str]:
         raise CrossjaxError(f"evals={spec!r} names unknown evaluator(s) {unknown}; each must be a module of "
                             f"crossjax/evals/ ({', '.join(available())})")
     return out
+
+
+def check(spec: str, config) -> None:
+    """Before any stage runs: each named evaluator's own check of its config keys (an optional
+    `check(config)` in its module that raises CrossjaxError), so that a bad setting fails before training,
+    not after it."""
+    for name in names(spec):
+        checker = getattr(importlib.import_module(f"{__name__}.{name}"), "check", None)
+        if callable(checker):
+            checker(config)
 
 
 def available() -> list[str]:

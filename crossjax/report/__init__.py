@@ -12,11 +12,17 @@ writes DIR/report/index.html (open it in a browser; no network, no server) with
 - a feature table (kind, emergence snapshot and step, cluster, frequency, separability, peak norm), sortable
   and filterable, paged so that 100,000 features stay a few MB in files of about 60 KB;
 - feature.html?id=N for every feature: its strength curve (and probe AUC when sampled), kind, cluster,
-  separability and its top contexts at each snapshot with the firing token marked.
+  separability, its attribution per snapshot and complexity score when those analyses have run, and its top
+  contexts at each snapshot with the firing token marked;
+- when `python -m crossjax.analyze` (or the attribution evaluator) has run: a task attribution section (the task
+  metric per snapshot, ablation/retention curves of the top-k features against k random ones, the top attributed
+  features per snapshot linking to their pages) and a complexity section (complexity against emergence step,
+  Spearman with p and n, the scorer), and their columns in the feature table (crossjax/report/sections.py).
 
-Inputs: DIR/summary.json, DIR/export (crossjax/report/inputs.py), DIR/compare.json when present, and a
-FeatureIndex over the run's store for frequencies and contexts (crossjax/report/contexts.py; saved in
-DIR/report/feature_index and reused by the next report of the same weights). Contexts are kept for the
+Inputs: DIR/summary.json, DIR/export (crossjax/report/inputs.py), DIR/compare.json, DIR/attribution/ and
+DIR/complexity_*.json when present (crossjax/report/analyses.py), and a FeatureIndex over the run's store for
+frequencies and contexts (crossjax/report/contexts.py: the run's one index in DIR/index, shared with
+`crossjax.analyze --complexity` and reused while it fits the same weights). Contexts are kept for the
 `context_features` most frequent features plus the separability sample; the other features' pages say so.
 Layout of the site: crossjax/report/site.py. The new report replaces the old one only once it is complete.
 """
@@ -40,7 +46,7 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
     separability sample). contexts_per_snapshot: examples kept per feature. Call it on process 0 only.
     CrossjaxError when the run is unfinished or its files are damaged."""
     from crossjax.report import contexts as contexts_lib
-    from crossjax.report import inputs, plots, site
+    from crossjax.report import analysis_plots, inputs, plots, site
 
     for name, value in (("context_features", context_features), ("contexts_per_snapshot", contexts_per_snapshot),
                         ("index_rows", index_rows)):
@@ -55,19 +61,19 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
     console.say("report", f"figures for {data.num_features} features over {len(data.snapshots)} snapshots",
                 enabled=progress)
     figures = plots.write_all(data, os.path.join(staging, "plots"))
+    analysis = analysis_plots.write_all(data, os.path.join(staging, "plots"))
     collected, note = None, "frequencies and top contexts: left out (contexts=False)"
     if contexts:
         try:
             collected = contexts_lib.collect(data, features=context_features, per_snapshot=contexts_per_snapshot,
-                                             rows=index_rows, old_report=report if os.path.isdir(report) else None,
-                                             new_report=staging, progress=progress)
+                                             rows=index_rows, progress=progress)
             note = (f"Top contexts were collected for the {context_features} most frequent features and the "
                     "features sampled for separability (python -m crossjax.report --context_features=N for more); "
                     "this feature is not among them.")
         except CrossjaxError as e:
             note = f"frequencies and top contexts: left out, no feature index over the run's store ({e})"
             console.say("report", note, enabled=progress)
-    site.write_site(data, figures, collected, note, staging)
+    site.write_site(data, figures, collected, note, staging, analysis)
     _replace(staging, report)
     index = os.path.join(report, "index.html")
     console.say("report", f"wrote {index}", enabled=progress)

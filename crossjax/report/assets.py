@@ -35,6 +35,11 @@ details { margin: 4px 0; } summary { cursor: pointer; }
        padding: 2px 0; border-bottom: 1px dotted #eee; }
 .ctx .val { display: inline-block; width: 70px; color: #666; }
 .ctx mark { background: #ffe08a; padding: 0 1px; border-radius: 2px; }
+table.analysis { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 8px 0; }
+table.analysis th, table.analysis td { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: right; }
+table.analysis th { background: #f6f6f8; } table.analysis .str { text-align: left; }
+table.analysis td.str a { margin-right: 6px; }
+.explanation { color: #444; font-style: italic; }
 """
 
 COMMON_JS = r"""
@@ -112,7 +117,7 @@ TABLE_JS = r"""
     text.trim().split(/\s+/).filter(Boolean).forEach(function (word) {
       const m = /^([a-z_]+)(:|>=|<=|>|<|=)(.*)$/i.exec(word);
       if (!m) { terms.push({ bare: word.toLowerCase() }); return; }
-      const key = ALIASES[m[1].toLowerCase()];
+      const key = ALIASES[m[1].toLowerCase()] || m[1].toLowerCase();      // attr_<task>, cx_<scorer> as they are
       if (key === undefined || !(key in col))
         throw new Error("unknown column '" + m[1] + "': use " + cols.map(function (c) { return c.key; }).join(", "));
       const c = cols[col[key]], value = m[3].toLowerCase();
@@ -279,7 +284,9 @@ FEATURE_JS = r"""
     if (M.has_separability)
       fact(dl, "separability", f.auc === null ? "not sampled" :
            "Spearman rho " + (f.rho === null ? "n/a (a constant curve)" : crossjax.fmt(f.rho)) + " between probe AUC and decoder norm");
+    complexity(dl, f);
     curve(f);
+    attribution(f);
     contexts(f);
     main.dataset.state = "ready";
   }
@@ -325,6 +332,36 @@ FEATURE_JS = r"""
       crossjax.fmt(f.peak) + ")";
     root.appendChild(svg("text", { x: L, y: H - 4 }, legend));
     document.getElementById("curve").appendChild(root);
+  }
+
+  function complexity(dl, f) {
+    M.complexity.forEach(function (c, j) {
+      const v = f.cx[j], name = "complexity (" + c.scorer + (c.model ? ", " + c.model : "") + ")";
+      if (v === null) { fact(dl, name, "not scored (a sample of emerging features is)"); return; }
+      const dd = crossjax.el("dd", v[0] === null ? "no score " : v[0] + " of 5 ");
+      dd.appendChild(crossjax.el("span", v[1], "explanation"));
+      dl.appendChild(crossjax.el("dt", name));
+      dl.appendChild(dd);
+    });
+  }
+  function attribution(f) {
+    const box = document.getElementById("attribution");
+    if (!box) return;                                   // no task attributed in this run
+    M.attribution.forEach(function (t, j) {
+      box.appendChild(crossjax.el("h3", "task " + t.task));
+      const table = crossjax.el("table", null, "analysis attribution"), head = document.createElement("tr");
+      table.dataset.task = t.task;
+      head.appendChild(crossjax.el("th", "snapshot", "str"));
+      t.methods.forEach(function (m) { head.appendChild(crossjax.el("th", m)); });
+      table.appendChild(head);
+      t.snapshots.forEach(function (name, s) {
+        const tr = document.createElement("tr");
+        tr.appendChild(crossjax.el("td", name, "str"));
+        t.methods.forEach(function (m, k) { tr.appendChild(crossjax.el("td", crossjax.fmt(f.at[j][k][s]))); });
+        table.appendChild(tr);
+      });
+      box.appendChild(table);
+    });
   }
 
   function example(e) {

@@ -1,9 +1,10 @@
 """The top contexts of features at each snapshot, and their activation frequencies, for the report.
 
 Everything the report takes from crossjax.analysis.lookup.FeatureIndex goes through `collect` (its public
-methods only): the index is loaded from DIR/report/feature_index when one built from the same weights with
-enough rows and examples is there, built otherwise (one streaming pass over the first `rows` rows of the run's
-store; the store's rows are shuffled at write time, so that is a random sample) and saved with the new report.
+methods only): the run's one index, DIR/index (crossjax.analysis.run_index), shared with complexity scoring:
+loaded when it was built from the same weights with enough rows and examples, built otherwise (one streaming pass
+over the first `rows` rows of the run's store; the store's rows are shuffled at write time, so that is a random
+sample) and saved there.
 
 Per snapshot: a row's activation for the index is h when the JumpReLU gate opens at some snapshot, and the gate
 at snapshot s opens when h n[s, f] > theta_f. The feature's examples are sorted by h, so the rows that fire at
@@ -18,10 +19,9 @@ import os
 
 import numpy as np
 
-from crossjax import console
+from crossjax.analysis.run_index import index_path, run_index
 from crossjax.errors import CrossjaxError
 
-INDEX_DIR = "feature_index"
 WINDOW = 8                      # tokens on each side of the firing one
 _MARKS = ("\x02", "\x03")       # around the firing token in the index's decoded text; absent from real text
 _SHOWN = str.maketrans({"\n": "\u23ce", "\r": "", "\t": "\u21e5"})   # a context stays on one line
@@ -51,31 +51,16 @@ class Collected:
     index_dir: str              # where the index was saved
 
 
-def collect(data, *, features: int, per_snapshot: int, rows: int, old_report: str | None, new_report: str,
-            progress: bool = True) -> Collected:
+def collect(data, *, features: int, per_snapshot: int, rows: int, progress: bool = True) -> Collected:
     """Frequencies of every feature and the top `per_snapshot` contexts of `features` features (the most frequent
-    ones and the separability sample) from a FeatureIndex over the run's store; saved to new_report/feature_index.
-    `data` is an inputs.RunData. CrossjaxError when the index cannot be built (e.g. the store is gone)."""
-    from crossjax.analysis.lookup import FeatureIndex
+    ones and the separability sample) from the run's FeatureIndex (crossjax.analysis.run_index: workdir/index,
+    reused when it fits, else built and saved there). `data` is an inputs.RunData. CrossjaxError when the index
+    cannot be built (e.g. the store is gone)."""
     from crossjax.tokens import open_tokenizer
 
-    index = None
-    saved = os.path.join(old_report, INDEX_DIR) if old_report else None
-    if saved and os.path.isdir(saved):
-        try:
-            index = FeatureIndex.load(saved)
-            index.attach(export_dir=data.export_dir)          # refuses other weights
-            store_rows = int(index.info.get("store_rows", index.rows_scanned))
-            if index.top_k < per_snapshot or index.rows_scanned < min(rows, store_rows):
-                index = None
-        except CrossjaxError as e:
-            console.say("report", f"rebuilding the feature index ({e})", enabled=progress)
-            index = None
-    if index is None:
-        console.say("report", f"feature index: top {per_snapshot} rows of each feature over up to {rows} rows of "
-                    f"{data.summary.store}", enabled=progress)
-        index = FeatureIndex.build(data.workdir, max_rows=rows, top_k=per_snapshot, window=WINDOW, progress=progress)
-    index_dir = index.save(os.path.join(new_report, INDEX_DIR))
+    index = run_index(data.workdir, export_dir=data.export_dir, rows=rows, top_k=per_snapshot, window=WINDOW,
+                      stage="report", progress=progress)
+    index_dir = index_path(data.workdir)
     if index.num_features != data.num_features:
         raise CrossjaxError(f"the feature index in {index_dir} has {index.num_features} features, the export "
                             f"{data.num_features}: delete {index_dir} and write the report again")

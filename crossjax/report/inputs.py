@@ -1,6 +1,7 @@
 """What a report is made of: a finished run's summary, its exported decoder and, when present, compare.json.
 
-`load(workdir)` reads them once into a `RunData`; the plots and the site read only that. The per-feature arrays
+`load(workdir)` reads them once into a `RunData`, with the analyses that have run (task attribution, complexity:
+crossjax/report/analyses.py); the plots and the site read only that. The per-feature arrays
 are recomputed from the exported decoder with the same functions and settings the run's summary used
 (crossjax.analysis.evolution, trajectories), so the table agrees with summary.json: the emergence threshold
 from the summary, the clusters' k from its `clusters.sizes` and their seed from the run's train.seed.
@@ -21,6 +22,7 @@ from crossjax import crosscoder
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import evolution, trajectories
 from crossjax.errors import CrossjaxError
+from crossjax.report import analyses
 from crossjax.summary import RunSummary
 
 COMPARE_FILE = "compare.json"
@@ -44,6 +46,8 @@ class RunData:
     compare: dict | None               # compare.json (crossjax.compare), None when it has not run
     separability: dict | None          # summary.evals["separability"], None when not measured
     notes: list[str] = dataclasses.field(default_factory=list)   # what was left out, and why
+    attribution: list = dataclasses.field(default_factory=list)  # [analyses.TaskAttribution] tasks attributed
+    complexity: list = dataclasses.field(default_factory=list)   # [analyses.Complexity] scorers that have run
 
     @property
     def num_features(self) -> int:
@@ -83,7 +87,19 @@ def load(workdir: str) -> RunData:
         strength=evolution.normalised_strength(norms), theta=theta,
         emergence=evolution.emergence_snapshot(norms, threshold), kinds=kinds,
         clusters=_cluster_labels(workdir, summary, norms, notes), compare=_compare(workdir, summary, notes),
-        separability=_separability(summary, notes), notes=notes)
+        separability=_separability(summary, notes), notes=notes,
+        attribution=analyses.load_attribution(workdir, export_dir, list(summary.snapshots), cfg.num_features, notes,
+                                              has_model=_has_model(workdir)),
+        complexity=analyses.load_complexity(workdir, export_dir, cfg.num_features, notes))
+
+
+def _has_model(workdir: str) -> bool:
+    """Whether the run is over model snapshots (attribution needs them), from its config.json."""
+    try:
+        model = (workdir_lib.read_recorded(workdir) or {}).get("model") or {}
+    except CrossjaxError:
+        return False
+    return bool(model.get("hook") and (model.get("path_template") or model.get("repo")))
 
 
 def _export_dir(workdir: str, summary: RunSummary) -> str:

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from crossjax.report import assets
+from crossjax.report import assets, sections
 
 TABLE_PAGE = 1000          # rows per table file (about 60 KB)
 FEATURE_CHUNK = 250        # features per feature-data file
@@ -60,6 +60,13 @@ def columns(data, collected) -> list[dict]:
     if data.separability is not None:
         cols.append(dict(key="separability", label="separability rho", type="num",
                          help="Spearman rho between probe AUC and decoder norm over snapshots (sampled features)"))
+    for t in data.attribution:
+        cols.append(dict(key=t.key, label=f"attr {t.task}", type="num",
+                         help=f"largest {t.methods[0]} of the task {t.task} over its {len(t.snapshots)} analyzed "
+                         "snapshots (positive: pushes towards the right answer)"))
+    for c in data.complexity:
+        cols.append(dict(key=f"cx_{c.scorer}", label=f"complexity ({c.scorer})", type="int",
+                         help=f"1-5 complexity by the {c.scorer} scorer (a sample of emerging features)"))
     cols.append(dict(key="peak_norm", label="peak norm", type="num", help="largest decoder norm over snapshots"))
     if collected is not None:
         cols.append(dict(key="contexts", label="contexts", type="int", help="top contexts shown on its page"))
@@ -77,6 +84,9 @@ def table_rows(data, collected, cols: list[dict]) -> list[list]:
         "frequency": None if collected is None else [_num(v) for v in collected.frequency],
         "separability": [sep[f][0] if f in sep else None for f in range(data.num_features)],
         "peak_norm": [_num(v) for v in peak],
+        **{t.key: [_num(v) for v in t.peak()] for t in data.attribution},
+        **{f"cx_{c.scorer}": [c.scores.get(f, {}).get("complexity") for f in range(data.num_features)]
+           for c in data.complexity},
         "contexts": None if collected is None else [
             len(collected.contexts[f].examples) if f in collected.contexts else None for f in range(data.num_features)],
     }
@@ -95,12 +105,18 @@ def feature_record(data, collected, sep: dict, f: int) -> dict:
         "rho": rho, "auc": None if auc is None else [_num(a) for a in auc],
         "ctx": None if ctx is None else {
             "ex": [[c.row, _num(c.value), c.before, c.token, c.after] for c in ctx.examples], "fires": ctx.fires},
+        # per task, per method: [S'] attribution at the task's analyzed snapshots (meta.attribution says which)
+        "at": [[[_num(v) for v in t.scores[m][:, f]] for m in t.methods] for t in data.attribution],
+        # per scorer: [complexity, explanation] or None when the feature was not scored
+        "cx": [None if f not in c.scores else [c.scores[f]["complexity"], c.scores[f]["explanation"]
+                                               or c.scores[f]["error"] or ""] for c in data.complexity],
     }
 
 
-def write_site(data, plots, collected, contexts_note: str, out_dir: str) -> str:
-    """Write the pages, their code and data files into out_dir (the figures are already in out_dir/plots);
-    return the index page's path."""
+def write_site(data, plots, collected, contexts_note: str, out_dir: str, analysis=({}, {})) -> str:
+    """Write the pages, their code and data files into out_dir (the figures are already in out_dir/plots;
+    analysis: analysis_plots.write_all's figures of the attribution and complexity sections); return the index
+    page's path."""
     cols = columns(data, collected)
     rows = table_rows(data, collected, cols)
     for p in range(0, max(len(rows), 1), TABLE_PAGE):
@@ -119,6 +135,9 @@ def write_site(data, plots, collected, contexts_note: str, out_dir: str) -> str:
         "view_rows": VIEW_ROWS, "chunk_size": FEATURE_CHUNK, "has_frequency": collected is not None,
         "rows_scanned": None if collected is None else collected.rows_scanned,
         "has_separability": data.separability is not None, "contexts_note": contexts_note,
+        "attribution": [{"task": t.task, "key": t.key, "methods": t.methods, "snapshots": t.snapshots}
+                        for t in data.attribution],
+        "complexity": [{"scorer": c.scorer, "model": c.model} for c in data.complexity],
     }
     _write(os.path.join(out_dir, "data", "meta.js"), _script("meta", 0, meta))
     for name, text in (("style.css", assets.STYLE_CSS), ("common.js", assets.COMMON_JS),
@@ -126,7 +145,7 @@ def write_site(data, plots, collected, contexts_note: str, out_dir: str) -> str:
         _write(os.path.join(out_dir, name), text.lstrip())
     _write(os.path.join(out_dir, "feature.html"), _feature_html(data))
     index = os.path.join(out_dir, "index.html")
-    _write(index, _index_html(data, plots, collected, contexts_note))
+    _write(index, _index_html(data, plots, collected, contexts_note, analysis))
     return index
 
 
@@ -162,27 +181,24 @@ def _facts(data, collected) -> str:
     return ('<p class="facts">' + "<br>\n".join(parts) + f"<br>\nrun: <code>{html.escape(data.workdir)}</code></p>\n")
 
 
-def _index_html(data, plots, collected, contexts_note: str) -> str:
+def _index_html(data, plots, collected, contexts_note: str, analysis=({}, {})) -> str:
     out = [_head(_title(data)), "<body>\n", f"<h1>{html.escape(_title(data))}</h1>\n", _facts(data, collected)]
     notes = list(data.notes) + ([contexts_note] if collected is None else [])
     if notes:
         out.append('<h2>Left out</h2>\n<ul class="notes">\n'
                    + "".join(f"<li>{html.escape(n)}</li>\n" for n in notes) + "</ul>\n")
     out.append("<h2>Figures</h2>\n")
-    for p in plots:
-        if p.file is None:
-            out.append(f'<section class="plot" id="plot-{p.name}"><h3>{html.escape(p.title)}</h3>'
-                       f'<p class="skipped">{html.escape(p.caption)}</p></section>\n')
-        else:
-            out.append(f'<figure class="plot" id="plot-{p.name}"><h3>{html.escape(p.title)}</h3>'
-                       f'<img src="plots/{html.escape(p.file)}" alt="{html.escape(p.title)}">'
-                       f"<figcaption>{html.escape(p.caption)}</figcaption></figure>\n")
+    out.extend(sections.figure_html(p) for p in plots)
+    out.append(sections.attribution_html(data, analysis[0]))
+    out.append(sections.complexity_html(data, analysis[1]))
     out.append(
         "<h2>Features</h2>\n<p>Click a column to sort (again to reverse). Filter with words (matched against kind "
         "and snapshot names) or terms such as <code>kind:emergent</code>, <code>emerges:" +
         html.escape(data.snapshots[-1]) + "</code>, <code>cluster=2</code>"
         + (", <code>freq&gt;0.01</code>" if collected is not None else "")
         + (", <code>rho&gt;0.5</code>" if data.separability is not None else "")
+        + "".join(f", <code>{html.escape(t.key)}&gt;0.01</code>" for t in data.attribution[:1])
+        + "".join(f", <code>cx_{html.escape(c.scorer)}&gt;=3</code>" for c in data.complexity[:1])
         + ", <code>norm&lt;0.1</code>; all terms must match.</p>\n"
         '<div class="controls"><input id="filter" type="search" placeholder="filter, e.g. kind:emergent cluster=1" '
         'aria-label="filter features"><span id="status"></span></div>\n'
@@ -194,12 +210,18 @@ def _index_html(data, plots, collected, contexts_note: str) -> str:
     return "".join(out)
 
 
+ATTRIBUTION_BLOCK = ("<h2>Attribution per snapshot</h2>\n<p>Its attribution to each attributed task's metric (logit "
+                     "of the right answer minus the wrong one) at each analyzed snapshot, by each method.</p>"
+                     '<div id="attribution"></div>\n')
+
+
 def _feature_html(data) -> str:
     return (_head(_title(data)) + "<body>\n"
             '<nav class="controls"><a href="index.html">&larr; all features</a><a id="prev">&lsaquo; previous</a>'
             '<a id="next">next &rsaquo;</a></nav>\n'
             '<main id="feature" data-state="loading"><h1 id="title">Feature</h1><p id="message"></p>\n'
             '<dl class="facts" id="facts"></dl>\n<h2>Strength over training</h2><div id="curve"></div>\n'
+            + (ATTRIBUTION_BLOCK if data.attribution else "") +
             '<h2>Top contexts per snapshot</h2>\n<p>The firing token is marked; the number before each context is '
             "the feature's activation on it.</p><div id=\"contexts\"></div></main>\n"
             '<script src="feature.js"></script>\n</body></html>\n')

@@ -13,6 +13,8 @@ from crossjax.models import GPTNeoX, LoadedSnapshot, NeoXConfig
 
 VOCAB = 40
 D = 16
+RUN_SNAPSHOTS = 2                     # the finished run of conftest.finished_run
+RUN_HOOK = "blocks.0.hook_resid_post"
 WORDS = ["<|endoftext|>", "<|padding|>", "thou", "ye", "art", "are", "hast", "have", "and", "he", "said", "O", "man",
          "men", "Behold", ","]
 

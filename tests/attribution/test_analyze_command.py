@@ -4,38 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from _attribution_cases import crosscoder, snapshots, write_lines
+from _attribution_cases import RUN_HOOK as HOOK
+from _attribution_cases import RUN_SNAPSHOTS as S
+from _attribution_cases import write_lines
 from crossjax import analyze
-from crossjax import crosscoder as cc
-from crossjax.models import save_hf_snapshot
 from crossjax.summary import RunSummary
-
-S = 2
-HOOK = "blocks.0.hook_resid_post"
-
-
-@pytest.fixture
-def finished_run(tmp_path, word_tokenizer):
-    """A workdir as a finished run leaves it: config.json (model section), summary.json, export/; snapshots on disk."""
-    names = []
-    for name, loaded in snapshots(S).items():
-        save_hf_snapshot(loaded.model, loaded.config, tmp_path / "snaps" / name,
-                         tokenizer_dir=tmp_path / "tok")
-        names.append(name)
-    workdir = tmp_path / "run"
-    params, scales, cfg = crosscoder(S)
-    cc.export_params(params, scales, cfg, str(workdir / "export"))
-    model = {"snapshots": names, "path_template": str(tmp_path / "snaps" / "{snapshot}"), "repo": "", "hook": HOOK,
-             "cache_dir": ""}
-    (workdir / "config.json").write_text(json.dumps({"model": model}))
-    RunSummary(workdir=str(workdir), store="memory://x", steps=1, tokens=1, snapshots=names,
-               num_features=cfg.num_features, init_norm=1.0, scales=scales.tolist(), export=str(workdir / "export"),
-               evolution={}, evals={}).write()
-    task = write_lines(tmp_path / "thou.jsonl", [
-        {"clean": "he said thou", "corrupted": "he said ye", "right": " art", "wrong": " are"},
-        {"clean": "he said ye", "corrupted": "he said thou", "right": " are", "wrong": " art"},
-        {"clean": "Behold , thou", "corrupted": "Behold , ye", "right": " hast", "wrong": " have"}])
-    return workdir, task
 
 
 def test_analyze_prints_the_table_and_writes_the_figures(finished_run, capsys):
@@ -54,6 +27,15 @@ def test_analyze_prints_the_table_and_writes_the_figures(finished_run, capsys):
     arrays = np.load(workdir / "attribution" / "thou.npz")
     assert arrays["attribution"].shape == (S, 24) and arrays["integrated_gradients_per_position"].shape == (S, 4, 24)
     assert list(arrays["snapshots"]) == ["step0", "step1"]
+    # its line in the run summary: the figures of the same file
+    line = RunSummary.read(workdir).evals["attribution"]["thou"]
+    assert line["file"] == "attribution/thou.json" and line["pairs"] == 3 and line["method"] == "attribution"
+    c = s1["curves"]["attribution"]
+    i = c["k"].index(max(k for k in c["k"] if k <= 16))          # the summary's k: 16, or the largest below
+    assert line["snapshots"]["step1"] == {
+        "metric_clean": s1["metric_clean"], "metric_corrupted": s1["metric_corrupted"], "k": c["k"][i],
+        "ablate_top": c["ablate_top"][i], "ablate_random": c["ablate_random"][i]}
+    assert line["top_features"] == [f for f, _ in s1["top"]["attribution"][:5]]
     # one snapshot, one method
     assert analyze.main(["analyze", f"--workdir={workdir}", f"--task={task}", "--snapshots=step1",
                          "--methods=attribution"]) == 0

@@ -2,6 +2,8 @@
 with the reason; damaged ones are clear errors that keep the previous report."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -194,8 +196,9 @@ def test_a_missing_store_leaves_contexts_out_and_says_why(copy_run, tmp_path):
 def test_the_saved_feature_index_is_reused_only_when_it_fits(copy_run, monkeypatch):
     from crossjax.analysis import lookup
     write_report(copy_run, progress=False)
-    saved = os.path.join(copy_run, "report", "feature_index")
+    saved = os.path.join(copy_run, "index")                  # the run's one index, beside the report
     assert os.path.isfile(os.path.join(saved, "feature_index.npz"))
+    assert not os.path.exists(os.path.join(copy_run, "report", "feature_index"))
 
     def no_build(*args, **kwargs):
         raise CrossjaxError("build called")
@@ -274,3 +277,113 @@ def test_contexts_are_decoded_with_the_runs_tokenizer(copy_run, tmp_path):
     examples = [e for r in read_data(report, "feature", 0) if r["ctx"] for e in r["ctx"]["ex"]]
     assert examples and all(e[3] == f"w{e[0]}" for e in examples)      # planted stores: token id = row id
     assert "token ids" not in open(os.path.join(report, "index.html"), encoding="utf-8").read()
+
+
+@pytest.fixture
+def analysed_copy(analysed_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(analysed_run, dst)
+    return str(dst)
+
+
+def test_attribution_and_complexity_sections_show_the_analyses_outputs(analysed_copy):
+    from crossjax.summary import RunSummary
+    index = write_report(analysed_copy, progress=False)
+    report = os.path.dirname(index)
+    page = open(index, encoding="utf-8").read()
+    attributed = json.load(open(os.path.join(analysed_copy, "attribution", "agreement.json")))
+    scores = np.load(os.path.join(analysed_copy, "attribution", "agreement.npz"))
+    scored = json.load(open(os.path.join(analysed_copy, "complexity_offline.json")))
+    for name in ("attribution_agreement_metric", "attribution_agreement_curves", "complexity_offline"):
+        assert_png(os.path.join(report, "plots", f"{name}.png"))
+        assert f'id="plot-{name}"' in page
+    assert 'id="attribution-attr_agreement"' in page and 'id="complexity-offline"' in page
+    # the top attributed features of every snapshot link to their pages, in the writer's order
+    for name, s in attributed["snapshots"].items():
+        row = re.search(rf'<tr><td class="str">{name}</td>.*?</tr>', page).group(0)
+        assert re.findall(r'feature\.html\?id=(\d+)', row) == [str(f) for f, _ in s["top"]["attribution"][:5]]
+        assert f"<td>{s['metric_clean']:+.3f}</td>" in row
+    last = s
+    c = scored["correlation"]          # planted features all emerge at one snapshot: no correlation, and why
+    assert c["spearman_r"] is None and f"No correlation: {c['note']}" in page
+    assert "task attribution: not run" not in page and "not scored" not in page
+    # the table's columns: the largest attribution over snapshots, and the complexity of the scored features
+    np.testing.assert_allclose(column(report, "attr_agreement"), scores["attribution"].max(axis=0), rtol=1e-3)
+    cx = column(report, "cx_offline")
+    want = {s["feature"]: s["complexity"] for s in scored["scores"]}
+    assert cx == [want.get(f) for f in range(len(cx))] and sum(v is not None for v in cx) == len(want) > 0
+    # each feature's page data: its attribution per snapshot and method, its score and explanation
+    meta = read_data(report, "meta")
+    assert meta["attribution"] == [{"task": "agreement", "key": "attr_agreement", "methods": list(scores.keys())[1::2],
+                                    "snapshots": list(scores["snapshots"])}]
+    records = read_data(report, "feature", 0)
+    for f in (0, 7, len(records) - 1):
+        np.testing.assert_allclose(records[f]["at"][0], [scores[m][:, f] for m in meta["attribution"][0]["methods"]],
+                                   rtol=1e-3, atol=1e-6)
+    s = scored["scores"][0]
+    assert records[s["feature"]]["cx"] == [[s["complexity"], s["explanation"]]]
+    assert "Attribution per snapshot" in open(os.path.join(report, "feature.html"), encoding="utf-8").read()
+    # and a line of each in the run summary
+    evals = RunSummary.read(analysed_copy).evals
+    assert evals["attribution"]["agreement"]["top_features"] == [f for f, _ in last["top"]["attribution"][:5]]
+    assert evals["complexity"]["offline"]["spearman_r"] is None
+    assert evals["complexity"]["offline"]["features"] == c["features"] == len(want)
+
+
+def test_the_complexity_section_gives_spearman_with_p_and_n(analysed_copy):
+    path = os.path.join(analysed_copy, "complexity_offline.json")
+    scored = json.load(open(path))
+    scored["correlation"] = {"features": 20, "spearman_r": 0.2342, "spearman_p": 0.00084, "pearson_r": 0.2038,
+                             "pearson_p": 0.0038, "never_emerged": 0, "failed": 0, "steps": "step", "note": None}
+    json.dump(scored, open(path, "w"))
+    page = open(write_report(analysed_copy, contexts=False, progress=False), encoding="utf-8").read()
+    section = re.search(r'<section class="analysis" id="complexity-offline">.*?</section>', page, re.S).group(0)
+    assert "Scorer offline" in section and "Spearman r +0.234 (p 0.00084)" in section and "n = 20 features" in section
+    assert "Pearson r +0.204 (p 0.0038)" in section and 'src="plots/complexity_offline.png"' in section
+
+
+def test_analyses_of_other_weights_or_runs_are_left_out_with_the_command(analysed_copy):
+    path = os.path.join(analysed_copy, "attribution", "agreement.json")
+    result = json.load(open(path))
+    result["export_sha256"] = "0" * 64                       # computed from weights the run no longer has
+    json.dump(result, open(path, "w"))
+    scored = os.path.join(analysed_copy, "complexity_offline.json")
+    result = json.load(open(scored))
+    result["scores"][0]["feature"] = 10 ** 6                  # a feature this run does not have
+    json.dump(result, open(scored, "w"))
+    page = open(write_report(analysed_copy, contexts=False, progress=False), encoding="utf-8").read()
+    assert "agreement.json was computed from other weights than the run&#x27;s export" in page
+    assert f"python -m crossjax.analyze --workdir={analysed_copy} --task=agreement" in page
+    assert "scores features beyond this run" in page and "--complexity=offline" in page
+    assert 'id="attribution"' not in page and 'id="complexity"' not in page
+    os.truncate(path[:-len(".json")] + ".npz", 100)        # a torn .npz: unreadable, named with the fix
+    page = open(write_report(analysed_copy, contexts=False, progress=False), encoding="utf-8").read()
+    assert "or its .npz is unreadable" in page
+
+
+def test_the_report_and_complexity_scoring_share_one_index_pass(copy_run, monkeypatch):
+    from crossjax.analysis import lookup
+    from crossjax.complexity.run import score_run
+    real, builds, rows = lookup.FeatureIndex.build.__func__, [], []
+
+    def counted(cls, *args, **kwargs):
+        builds.append(kwargs.get("top_k"))
+        rows.append(kwargs.get("max_rows"))
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(lookup.FeatureIndex, "build", classmethod(counted))
+    score_run(copy_run, features=5, progress=False)            # builds workdir/index
+    saved = os.path.join(copy_run, "index", "feature_index.npz")
+    mtime = os.path.getmtime(saved)
+    write_report(copy_run, progress=False)                      # the second consumer reuses it
+    score_run(copy_run, features=5, progress=False)
+    assert builds == [10] and os.path.getmtime(saved) == mtime
+    write_report(copy_run, contexts_per_snapshot=12, progress=False)   # more examples than kept: one new pass
+    score_run(copy_run, features=5, progress=False)                    # which serves the next consumer too
+    assert builds == [10, 12] and os.path.getmtime(saved) > mtime
+    # a rebuild for more rows keeps the old index's examples: its consumer does not rebuild it back
+    shutil.rmtree(os.path.join(copy_run, "index"))
+    del builds[:], rows[:]
+    write_report(copy_run, contexts_per_snapshot=12, index_rows=1000, progress=False)
+    score_run(copy_run, features=5, progress=False)             # asks for every row (4096), 10 examples
+    write_report(copy_run, contexts_per_snapshot=12, index_rows=1000, progress=False)
+    assert builds == [12, 12] and rows == [1000, 131072]

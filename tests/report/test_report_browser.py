@@ -133,3 +133,58 @@ def test_index_screenshot(report, tmp_path):
     screenshot(report, out)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] == 1280 and im.size[1] > 2000
+
+
+@pytest.fixture(scope="module")
+def analysed_report(analysed_run, tmp_path_factory):
+    """The report of a run on which attribution and complexity scoring have run (conftest.analysed_run)."""
+    run = tmp_path_factory.mktemp("browser_analysed") / "run"
+    shutil.copytree(analysed_run, run)
+    return os.path.dirname(write_report(str(run), progress=False))
+
+
+def test_attribution_and_complexity_sections_load_and_their_columns_sort(browser, analysed_report):
+    report = analysed_report
+    console_errors(browser)
+    open_index(browser, report)
+    assert console_errors(browser) == []
+    images = browser.execute_script(
+        "return Array.from(document.querySelectorAll('section.analysis img'))"
+        ".map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+    assert sorted(src for src, _ in images) == ["plots/attribution_agreement_curves.png",
+                                               "plots/attribution_agreement_metric.png",
+                                               "plots/complexity_offline.png"] and all(ok for _, ok in images)
+    keys = [c["key"] for c in read_data(report, "meta")["columns"]]
+    rows = all_rows(report)
+    cx = keys.index("cx_offline")
+    type_filter(browser, "cx_offline>=2")                      # the new columns filter like the others
+    want = [str(r[0]) for r in rows if r[cx] is not None and r[cx] >= 2]
+    assert [r[0] for r in table_rows(browser)] == want[:50] and want
+    type_filter(browser, "")
+    for key, direction in (("attr_agreement", -1), ("cx_offline", 1)):
+        click_header(browser, key)                             # ascending
+        if direction < 0:
+            click_header(browser, key)                         # again: largest first
+        i = keys.index(key)
+        given = sorted((r for r in rows if r[i] is not None), key=lambda r: (direction * r[i], r[0]))
+        missing = [r for r in rows if r[i] is None]             # features not scored: last, in id order
+        assert [r[0] for r in table_rows(browser)] == [str(r[0]) for r in (given + missing)[:50]]
+    # a top attributed feature's link opens its page, which shows its attribution per snapshot and its score
+    from selenium.webdriver.support.ui import WebDriverWait
+    link = browser.find_element("css selector", "section.analysis table.analysis td.str a")
+    feature = int(link.text)
+    link.click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "feature").get_attribute("data-state") != "loading")
+    assert browser.find_element("id", "feature").get_attribute("data-state") == "ready"
+    cells = browser.find_elements("css selector", "table.attribution tr")
+    meta = read_data(report, "meta")["attribution"][0]
+    assert len(cells) == 1 + len(meta["snapshots"])
+    record = read_data(report, "feature", 0)[feature]
+    first = [td.text for td in cells[1].find_elements("tag name", "td")]
+    assert first[0] == meta["snapshots"][0] and len(first) == 1 + len(meta["methods"])
+    facts = browser.find_element("id", "facts").text
+    assert "complexity (offline)" in facts
+    if record["cx"][0] is not None:
+        assert record["cx"][0][1] in facts
+    assert console_errors(browser) == []
+
