@@ -52,6 +52,7 @@ import numpy as np
 from crossjax import console, locks
 from crossjax import store as store_lib
 from crossjax import tokens as tokens_lib
+from crossjax.activations_plan import fmt_bytes, print_plan, store_size_bytes
 from crossjax.errors import CrossjaxError
 from crossjax.row_layout import RowLayout
 
@@ -149,20 +150,37 @@ def local_mesh():
     return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def hook_forward(model, hook: str, out_dtype, mesh) -> Callable[[np.ndarray], np.ndarray]:
+def hook_forward(model, hook: str, out_dtype, mesh, dispatch_lock=None) -> Callable[[np.ndarray], np.ndarray]:
     """fn(input_ids [B, T] int32) -> hook activations [B, T, D] on the host, in the store dtype (cast on device).
 
-    With a mesh the batch is split over its 'data' axis (B must be a multiple of its size)."""
+    With a mesh the batch is split over its 'data' axis (B must be a multiple of its size). dispatch_lock: held
+    while the forward is launched (not while its result is fetched), when other threads launch programs too."""
     from crossjax.models.runner import Runner
 
     sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
     runner = Runner(model, input_sharding=sharding)
     out_dtype = jnp.dtype(out_dtype)
-    return lambda ids: np.asarray(runner.hook(ids, hook, dtype=out_dtype))
+    lock = contextlib.nullcontext() if dispatch_lock is None else dispatch_lock
+
+    def forward(ids):
+        with lock:
+            out = runner.hook(ids, hook, dtype=out_dtype)
+        return np.asarray(out)
+    return forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
+
+
+@dataclasses.dataclass
+class PreparedStore:
+    """The opened store a config describes and what fills it (``prepare_store``)."""
+    store: store_lib.ActivationStore
+    layout: RowLayout
+    plan: _SnapshotPlan
+    contexts: object  # tokens.Contexts
+    mesh: object      # local_mesh()
 
 
 def ensure_activations(config, workdir: str | None, *, process_index: int | None = None,
@@ -173,8 +191,13 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
     ``workdir``. Each process writes only its own groups; with several processes all of them wait for each other
     at the end.
     """
-    pi = jax.process_index() if process_index is None else int(process_index)
-    pc = jax.process_count() if process_count is None else int(process_count)
+    prepared = prepare_store(config, workdir)
+    write_store(prepared, config, process_index=process_index, process_count=process_count, progress=progress)
+    return prepared.store.url
+
+
+def prepare_store(config, workdir: str | None) -> PreparedStore:
+    """Every check before anything is written, cheap ones first; then the store, opened or created."""
     acfg, tcfg, scfg = config.activations, config.tokens, config.store
     if int(acfg.contexts_per_batch) <= 0:
         raise CrossjaxError(f"activations.contexts_per_batch={acfg.contexts_per_batch} must be positive.")
@@ -182,7 +205,6 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
         raise CrossjaxError(f"store.dtype={scfg.dtype!r} is not one of {sorted(store_lib.DTYPES)}.")
     url = store_lib.resolve_url(scfg.path, workdir)
 
-    # 1. every check before anything is written, cheap ones first
     names, specs, paths, neox = _resolve_snapshots(config)
     tokenizer = tokens_lib.load_tokenizer(paths[0])
     contexts = tokens_lib.contexts_for(tcfg, tokenizer)
@@ -206,21 +228,35 @@ def ensure_activations(config, workdir: str | None, *, process_index: int | None
                    tokens=dict(source=tcfg.source, path=tcfg.path, text_field=tcfg.text_field, split=tcfg.split,
                                packing=bool(tcfg.packing), seed=int(tcfg.seed)),
                    layout=layout.fingerprint()))
-    store = store_lib.ActivationStore.create(url, meta)
+    return PreparedStore(store_lib.ActivationStore.create(url, meta), layout, plan, contexts, mesh)
+
+
+def write_store(prepared: PreparedStore, config, *, process_index: int | None = None,
+                process_count: int | None = None, progress: bool = True,
+                activation_blocks: Sequence[int] | None = None) -> None:
+    """Write this process's missing units (see ensure_activations); activation_blocks: the blocks whose
+    activations are written (None: all; the tokens of every block are written)."""
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    store, layout, url = prepared.store, prepared.layout, prepared.store.url
+    wanted = None if activation_blocks is None else {int(b) for b in activation_blocks}
+
+    def missing_units() -> set:
+        return {(b, s) for b, s in store.missing_units() if s is None or wanted is None or b in wanted}
+
     my_groups = [g for g in range(layout.num_groups) if g % pc == pi]
     claim = contextlib.nullcontext()
-    if _units_to_write(store, layout, my_groups, set(store.missing_units())):
+    if _units_to_write(store, layout, my_groups, missing_units()):
         claim = locks.claim_store_units(url, index=pi, count=pc, num_units=layout.num_groups,
                                         unit="group of blocks")
     with claim:
         # one listing of the done markers, after the claim: a writer that has just ended may have written some
-        missing = set(store.missing_units())
-        _write_missing(store, layout, plan, my_groups, missing, contexts, mesh, config, pi, pc, progress)
+        _write_missing(store, layout, prepared.plan, my_groups, missing_units(), prepared.contexts, prepared.mesh,
+                       config, pi, pc, progress)
 
     if jax.process_count() > 1:  # the store is complete only once every process has written its groups
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("crossjax.activations.done")
-    return url
 
 
 def _units_to_write(store, layout: RowLayout, groups: Sequence[int], missing: set) -> bool:
@@ -237,14 +273,14 @@ def _write_missing(store, layout: RowLayout, plan: _SnapshotPlan, my_groups: Seq
             for s in range(meta.num_snapshots)}
     ndev = 1 if mesh is None else mesh.size
     batch = _batch_size(int(config.activations.contexts_per_batch), ndev)
-    _print_plan(meta, layout, contexts, batch, ndev, todo, pi, pc)
+    print_plan(meta, layout, contexts, batch, ndev, todo, pi, pc)
 
     _write_tokens(store, layout, [g for g in my_groups if any((b, None) in missing for b in layout.group_blocks(g))],
                   missing)
     total = sum(np.diff(layout.group_range(g))[0] for gs in todo.values() for g in gs)
     # rows written, summed over snapshots (rows/s = tokens/s)
     bar = console.progress("activations", int(total), unit="tok", unit_scale=True, enabled=progress)
-    bar.set_postfix_str(f"store when complete ~{_fmt_bytes(store_size_bytes(meta))}", refresh=False)
+    bar.set_postfix_str(f"store when complete ~{fmt_bytes(store_size_bytes(meta))}", refresh=False)
     for s in range(meta.num_snapshots):
         if todo[s]:
             _write_snapshot(store, layout, plan, s, todo[s], missing, config, mesh, bar)
@@ -276,15 +312,26 @@ def _write_tokens(store, layout: RowLayout, groups: Sequence[int], missing: set)
                 raise _written_meanwhile(store, b, None) from None
 
 
-def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, groups: Sequence[int], missing: set,
-                    config, mesh, bar) -> None:
+def load_checked(config, plan: _SnapshotPlan, s: int, mesh):
+    """Snapshot s loaded onto `mesh` (models.load.LoadedSnapshot), its hash checked against the one inspected."""
     loaded = _load(config, plan.specs, s, mesh)
     if loaded.content_hash != plan.infos[s].content_hash:
         raise CrossjaxError(f"snapshot {plan.names[s]} changed on disk while activations were generated "
                             f"(hash {loaded.content_hash[:12]} != {plan.infos[s].content_hash[:12]}); run again.")
+    return loaded
+
+
+def forward_batch(config, mesh) -> int:
+    """Contexts per forward call for this config on `mesh` (see _batch_size)."""
+    return _batch_size(int(config.activations.contexts_per_batch), 1 if mesh is None else mesh.size)
+
+
+def _write_snapshot(store, layout: RowLayout, plan: _SnapshotPlan, s: int, groups: Sequence[int], missing: set,
+                    config, mesh, bar) -> None:
+    loaded = load_checked(config, plan, s, mesh)
     out_dtype = store_lib.DTYPES[store.meta.dtype]
     forward = hook_forward(loaded.model, config.model.hook, out_dtype, mesh)
-    batch = _batch_size(int(config.activations.contexts_per_batch), 1 if mesh is None else mesh.size)
+    batch = forward_batch(config, mesh)
     bar.set_description(f"activations {plan.names[s]}")
     write_groups(store, layout, s, groups, forward, batch, missing=missing, on_rows=bar.update)
 
@@ -346,41 +393,6 @@ def write_groups(store, layout: RowLayout, s: int, groups: Sequence[int], forwar
 def _batch_size(contexts_per_batch: int, ndev: int) -> int:
     """Contexts per forward call: a multiple of the device count, one fixed shape (one compilation)."""
     return math.ceil(contexts_per_batch / ndev) * ndev
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return ""
-
-
-def store_size_bytes(meta) -> int:
-    """Uncompressed size of a store's arrays: activations [N, S, D] plus three int32 token arrays [N]."""
-    itemsize = store_lib.DTYPES[meta.dtype].itemsize
-    return meta.num_rows * (meta.num_snapshots * meta.d_model * itemsize + 3 * 4)
-
-
-def _print_plan(meta, layout: RowLayout, contexts, batch: int, ndev: int, todo, pi: int, pc: int) -> None:
-    itemsize = store_lib.DTYPES[meta.dtype].itemsize
-    group = min(layout.group_rows, layout.num_rows)
-    units = sum(len(v) for v in todo.values())
-    all_units = len(todo) * len([g for g in range(layout.num_groups) if g % pc == pi])
-    lines = [
-        f"activations plan{f' (process {pi} of {pc})' if pc > 1 else ''}:",
-        f"  store      {meta.model} @ {meta.hook}: {meta.num_snapshots} snapshots x {meta.num_rows:,} rows x "
-        f"d_model {meta.d_model} ({meta.dtype}), {meta.num_blocks} blocks of {meta.block_rows}",
-        f"  contexts   {contexts.num_contexts:,} x {contexts.context_len} tokens, "
-        f"{contexts.num_valid:,} stored positions (BOS, padding and special tokens excluded)",
-        f"  layout     {'shuffled' if layout.shuffle else 'in order'}, {layout.num_groups} group(s) of up to "
-        f"{group:,} rows; group buffer {_fmt_bytes(group * meta.d_model * itemsize)}",
-        f"  forward    {batch} contexts per call over {ndev} device{'s' if ndev > 1 else ''}",
-        f"  size       about {_fmt_bytes(store_size_bytes(meta))} on disk before compression",
-        f"  to do      {units} of {all_units} (group, snapshot) units"
-        f"{'; nothing left' if units == 0 else ''}",
-    ]
-    print("\n".join(lines), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

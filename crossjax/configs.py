@@ -152,6 +152,10 @@ def data_config() -> ConfigDict:
         snapshots="",          # comma-separated names (or 0-based indices) of the store's snapshots to train on
                                # ("" = all); one name trains an ordinary per-snapshot SAE on the same store
                                # (crossjax.compare)
+        on_the_fly=False,      # data.source="snapshots" only: the snapshots (resident on the devices) compute the
+                               # training rows as the loader reads them (crossjax/live_store.py); the store keeps
+                               # only the tokens and the train.heldout_blocks held-out blocks. Same batches as the
+                               # stored path; set activations.shuffle_group_rows = store.block_rows with it
     ))
 
 
@@ -365,6 +369,9 @@ def data_problems(config: ConfigDict, source: str | None = None) -> list[str]:
         elif config.suite.enabled and int(m.group(1)) >= int(config.suite.layers):
             problems.append(f"model.hook={hook!r} asks for layer {m.group(1)} but the suite's model has "
                             f"{config.suite.layers} layers (suite.layers); pick a layer below {config.suite.layers}")
+    if config.data.on_the_fly and source != "snapshots":
+        problems.append(f"data.on_the_fly=True computes model activations, but data.source={source!r}; set "
+                        "data.source='snapshots' or data.on_the_fly=False")
     if int(config.store.block_rows) < 1:
         problems.append(f"store.block_rows={config.store.block_rows} must be >= 1")
     if int(config.planted.block_rows) < 1:
@@ -424,6 +431,10 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     elif streams and int(t.batch_size) % streams:
         problems.append(f"data.streams={streams} must divide train.batch_size={t.batch_size}")
 
+    if config.data.on_the_fly and config.eval.report:
+        problems.append("data.on_the_fly=True with eval.report=True: the report's feature index reads the "
+                        "activations of every stored row, which an on-the-fly store does not hold; set "
+                        "eval.report=False (or data.on_the_fly=False)")
     s = num_snapshots(config) if config.data.source in SOURCES else 0
     if config.data.source in SOURCES and store_snapshots(config):
         try:

@@ -150,10 +150,11 @@ class MemoryPlan:
     outputs: int             # outputs that do not reuse a donated input (the step's metrics)
     code: int                # generated code
     platform: str            # what the step was compiled for ("cpu", "tpu", "gpu")
+    resident: int = 0        # held on the device beside the step: the snapshot models of on-the-fly training
 
     @property
     def total(self) -> int:
-        return self.arguments + self.temporaries + self.outputs + self.code
+        return self.arguments + self.temporaries + self.outputs + self.code + self.resident
 
     @property
     def padding(self) -> int:
@@ -195,8 +196,10 @@ def lower_bound(static: dict) -> int:
     return sum(static.values()) + static["params"]
 
 
-def plan_step(train_step, abstract_state: dict, shardings: dict, *, batch_size: int, store_dtype: str) -> MemoryPlan:
-    """Compile `train_step` (crossjax.trainer.make_train_step) for shapes only and measure it per device.
+def plan_step(train_step, abstract_state: dict, shardings: dict, *, batch_size: int, store_dtype: str,
+              resident_bytes: int = 0) -> MemoryPlan:
+    """Compile `train_step` (crossjax.trainer.make_train_step) for shapes only and measure it per device;
+    resident_bytes: what else stays on each device meanwhile (on the fly: the snapshot models' weights).
 
     The compilation is cached by jit: calling the same train_step on arrays of these shapes and shardings
     afterwards does not compile again.
@@ -216,7 +219,7 @@ def plan_step(train_step, abstract_state: dict, shardings: dict, *, batch_size: 
     s, d, f = abstract_state["params"]["W_enc"].shape
     return MemoryPlan(mesh=dict(mesh.shape), batch_size=int(batch_size), num_snapshots=s, d_model=d,
                       num_features=f, arguments=arguments, temporaries=temporaries, outputs=outputs, code=code,
-                      platform=mesh.devices.flat[0].platform, **static)
+                      platform=mesh.devices.flat[0].platform, resident=int(resident_bytes), **static)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,8 +261,10 @@ def describe(plan: MemoryPlan, budget: Budget | None) -> str:
         lines.append(f"  {'layout padding':<17}{gib(plan.padding):>13}")
     note = " (as XLA:CPU lays them out)" if plan.platform == "cpu" else ""
     lines += [f"  {'XLA temporaries':<17}{gib(plan.temporaries):>13}   gradients, activations{note}",
-              f"  {'outputs, code':<17}{gib(plan.outputs + plan.code):>13}",
-              f"  {'total':<17}{gib(plan.total):>13}"]
+              f"  {'outputs, code':<17}{gib(plan.outputs + plan.code):>13}"]
+    if plan.resident:
+        lines.append(f"  {'snapshot models':<17}{gib(plan.resident):>13}   weights resident for on-the-fly rows")
+    lines.append(f"  {'total':<17}{gib(plan.total):>13}")
     if budget is not None:
         verdict = "fits" if plan.fits(budget) else "does NOT fit"
         source = f" ({budget.source})" if budget.source else ""
@@ -269,10 +274,12 @@ def describe(plan: MemoryPlan, budget: Budget | None) -> str:
 
 
 def check_before_training(train_step, abstract_state: dict, shardings: dict, *, batch_size: int,
-                          store_dtype: str, stage: str = "crosscoder") -> MemoryPlan:
+                          store_dtype: str, stage: str = "crosscoder", resident_bytes: int = 0) -> MemoryPlan:
     """Plan the step on the run's own devices, say the plan, and raise CrossjaxError before anything is allocated
-    when it needs more than a device has. Within the headroom it only warns: the devices' own limit is exact."""
-    plan = plan_step(train_step, abstract_state, shardings, batch_size=batch_size, store_dtype=store_dtype)
+    when it needs more than a device has. Within the headroom it only warns: the devices' own limit is exact.
+    resident_bytes: already on each device beside the step (on the fly: the snapshot models), counted in."""
+    plan = plan_step(train_step, abstract_state, shardings, batch_size=batch_size, store_dtype=store_dtype,
+                     resident_bytes=resident_bytes)
     budget = device_budget(list(shardings["mesh"].devices.flat))
     console.say(stage, describe(plan, budget))
     if budget is not None and plan.total > budget.memory:

@@ -6,7 +6,9 @@
 1. workdir  held by this run alone (crossjax/locks.py: a second run on it stops at once, naming the first);
             workdir/config.json guards it: the same config resumes, another config is refused
 2. data     the activation store, made if it is missing: planted data (crossjax/planted.py), or the offline suite
-            (crossjax/suite) and then the activation stage (crossjax/activations.py); checked against the config
+            (crossjax/suite) and then the activation stage (crossjax/activations.py); checked against the config.
+            With data.on_the_fly, only the held-out blocks are written and the training rows are computed by the
+            snapshots as the loader reads them (crossjax/live_store.py)
 3. train    crossjax/trainer.py on the store's training blocks (resuming from the latest checkpoint)
 4. export   the weights, with the normalisation scales, to workdir/export (safetensors + config.json)
 5. evals    the evaluators named in config.evals (crossjax/evals/: held-out EV/L0, planted recovery, spliced loss)
@@ -81,7 +83,8 @@ def _run_stages(config: ConfigDict, workdir: str, stop_after: int | None, store:
                                crosscoder=cc_cfg,
                                shardings=trainer.make_shardings(sharding.make_mesh(config.mesh), abstract))
     source = trainer.TrainData(store=store, blocks=train_blocks, scales=scales,
-                               snapshots=None if subset is None else tuple(subset))
+                               snapshots=None if subset is None else tuple(subset),
+                               device_bytes=getattr(store, "device_bytes", 0))  # a LiveStore's snapshot models
     result = trainer.train(config, workdir, source, evaluate=lambda params: heldout.evaluate_params(context, params),
                            callbacks=callbacks, stop_after=stop_after)
     if not result.finished:
@@ -133,7 +136,7 @@ def make_activation_store(config: ConfigDict, workdir: str) -> store_lib.Activat
     configs.validate_data(config, source="snapshots")
     workdir = workdir_lib.prepare(workdir)
     check_store_location(store_lib.resolve_url(config.store.path, workdir))
-    return activation_store(config, workdir)
+    return activation_store(config, workdir, live=False)
 
 
 def prepare_store(config: ConfigDict, workdir: str) -> store_lib.ActivationStore:
@@ -172,12 +175,23 @@ def planted_store(config: ConfigDict, url: str) -> store_lib.ActivationStore:
     return store_lib.ActivationStore.open(url)
 
 
-def activation_store(config: ConfigDict, workdir: str) -> store_lib.ActivationStore:
+def activation_store(config: ConfigDict, workdir: str, *, live: bool = True) -> store_lib.ActivationStore:
     """The store of the model snapshots' activations: the offline suite first when it is enabled, then the
-    activation stage (each resumes; a finished one is reused). `config` has been through bind_suite."""
+    activation stage (each resumes; a finished one is reused). `config` has been through bind_suite.
+
+    With data.on_the_fly only the held-out blocks' activations (and every block's tokens) are written, and the
+    store returned is a live_store.LiveStore that computes the training blocks' rows as they are read (with
+    `live` False: the store as written, no snapshot loaded)."""
     if config.suite.enabled:
         from crossjax.suite import pretrain
         pretrain.ensure_suite(config)
+    if config.data.on_the_fly:
+        from crossjax import live_store
+        heldout = int(config.train.heldout_blocks)
+        prepared = live_store.write_stored_part(config, workdir, stored_tail_blocks=heldout)
+        if not live:
+            return store_lib.ActivationStore.open(prepared.store.url)
+        return live_store.open_live(prepared, config, stored_tail_blocks=heldout)
     from crossjax import activations
     return store_lib.ActivationStore.open(activations.ensure_activations(config, workdir))
 
@@ -188,6 +202,9 @@ def given_store(config: ConfigDict, workdir: str, store: store_lib.ActivationSto
     if store.url != url:
         raise CrossjaxError(f"the store passed to run() is {store.url} but store.path names {url}; set store.path "
                             "to the store's location so that the run's config.json records what it trained on")
+    from crossjax import live_store
+    if config.data.on_the_fly and not isinstance(store, live_store.LiveStore):  # the written part: compute the rest
+        store = activation_store(config, workdir)
     check_store(config, store)
     return store
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -32,6 +33,10 @@ from crossjax.metrics_log import MetricsLog
 
 STAGE = "crosscoder"
 STATE_EXTRA_AXES = {"tokens_since_fired": ("feature",)}
+# Held while a training step is launched. A thread that launches other multi-device programs during training (a
+# LiveStore's snapshot forwards, from the loader's threads) takes it too, so that every device receives the
+# programs in the same order: collectives launched in different orders on different devices can deadlock.
+DEVICE_DISPATCH = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class TrainData:
     blocks: tuple[int, ...]                # the training blocks (the held-out ones are not among them)
     scales: np.ndarray                     # [S] normalisation scale of each trained snapshot
     snapshots: tuple[int, ...] | None = None   # store indices of the trained snapshots (None: all, in order)
+    device_bytes: int = 0                  # per device, held by the store itself (a LiveStore's snapshot models)
 
     @property
     def num_rows(self) -> int:
@@ -200,7 +206,8 @@ def train(config: ConfigDict, workdir: str, source: TrainData, *, evaluate: Call
     train_step = make_train_step(cc_cfg, tx, config, steps, shard)
     try:  # a step that cannot fit is refused before anything is allocated
         memory_plan.check_before_training(train_step, abstract, shard, batch_size=batch_size,
-                                          store_dtype=store.meta.dtype, stage=STAGE)
+                                          store_dtype=store.meta.dtype, stage=STAGE,
+                                          resident_bytes=int(source.device_bytes))
     except BaseException:
         batches.close()
         raise
@@ -275,7 +282,9 @@ class _Loop:
             step = start
             while step < end:
                 step += 1
-                state, out = train_step(state, next(batches)["acts"], scales)
+                acts = next(batches)["acts"]               # outside the lock: on the fly, reads launch forwards
+                with DEVICE_DISPATCH:
+                    state, out = train_step(state, acts, scales)
                 if one_at_a_time:
                     out["loss"].block_until_ready()
                 pending.append(out)
