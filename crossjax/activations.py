@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import console, locks
+from crossjax import console, documents, locks, token_cache
 from crossjax import store as store_lib
 from crossjax import tokens as tokens_lib
 from crossjax.activations_plan import fmt_bytes, print_plan, store_size_bytes
@@ -207,7 +207,12 @@ def prepare_store(config, workdir: str | None) -> PreparedStore:
 
     names, specs, paths, neox = _resolve_snapshots(config)
     tokenizer = tokens_lib.load_tokenizer(paths[0])
-    contexts = tokens_lib.contexts_for(tcfg, tokenizer)
+    if documents.is_streamed(tcfg):  # each process tokenizes its share of the stream; a rerun resumes it
+        contexts = tokens_lib.contexts_for(tcfg, tokenizer, cache_dir=token_cache.cache_beside(url),
+                                           process_index=jax.process_index(), process_count=jax.process_count(),
+                                           progress=True)
+    else:
+        contexts = tokens_lib.contexts_for(tcfg, tokenizer)
     if int(contexts.input_ids.max()) >= neox.vocab_size:
         raise CrossjaxError(f"the tokenizer in {paths[0]} produced id {int(contexts.input_ids.max())} but the "
                             f"model's vocab_size is {neox.vocab_size}; the snapshot's tokenizer does not fit its model.")

@@ -37,10 +37,16 @@ TEXT_SEPARATOR = "<|endoftext|>"
 
 def open_units(section) -> SequenceUnits | StreamUnits:
     """The documents of ``section`` in units, in the seeded order of ``section.seed``."""
-    if section.source == "hf_dataset" and section.path and _is_stream(section.path):
+    if is_streamed(section):
         _import_datasets()
         return open_stream(section.path, section.split, section.text_field, int(section.seed))
     return SequenceUnits(open_documents(section), int(section.seed))
+
+
+def is_streamed(section) -> bool:
+    """Whether ``section``'s documents come as a stream (an hf_dataset that is not a save_to_disk directory): its
+    tokenization is then shared between processes and resumable through a token cache."""
+    return section.source == "hf_dataset" and bool(section.path) and _is_stream(section.path)
 
 
 def _is_stream(path: str) -> bool:

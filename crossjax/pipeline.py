@@ -56,7 +56,7 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     """
     config = bind_suite(config)
     configs.validate(config)
-    evals.names(config.evals)                      # a typo fails before any stage runs
+    evals.check(config.evals, config)              # a typo or a bad setting fails before any stage runs
     workdir = workdir_lib.prepare(workdir)
     with locks.hold_workdir(workdir):              # before anything in the workdir is read or written
         workdir_lib.check(config, workdir, configs.base_config())

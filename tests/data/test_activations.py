@@ -184,3 +184,31 @@ def test_duplicates_allowed_when_asked(root, tmp_path):
     st = store_lib.ActivationStore.open(activations.ensure_activations(config, None, progress=False))
     x = st.read_rows(0, 40)
     np.testing.assert_array_equal(x[:, 0], x[:, 1])
+
+
+def test_streamed_source_tokenizes_through_the_cache_and_a_rerun_reads_no_documents(root, tmp_path, monkeypatch):
+    """tokens.source='hf_dataset' on a directory of jsonl files streams through `datasets`; the activation stage
+    keeps the tokens in <store>.tokens, so the rows equal the in-memory contexts and a rerun streams nothing."""
+    import json
+
+    from crossjax import documents, document_stream
+    data = tmp_path / "dataset"
+    data.mkdir()
+    lines = (root / "docs.jsonl").read_text().splitlines()
+    for i in range(3):  # three data files, as a web corpus comes in many
+        (data / f"part-{i}.jsonl").write_text("\n".join(lines[i::3]) + "\n")
+    config = fx.make_config(root, tmp_path / "store", **{"tokens.source": "hf_dataset", "tokens.path": str(data)})
+    assert documents.is_streamed(config.tokens)
+    url = activations.ensure_activations(config, None, progress=False)
+    assert Path(url + ".tokens").is_dir()
+    st = store_lib.ActivationStore.open(url)
+    contexts = tokens.contexts_for(config.tokens, tokens.load_tokenizer(root / "step0"))   # no cache: in memory
+    tok = st.read_tokens(0, st.meta.num_rows)
+    np.testing.assert_array_equal(tok["token_ids"], contexts.input_ids[tok["context_ids"], tok["positions"]])
+
+    def no_stream(*a, **k):
+        raise AssertionError("the rerun opened the dataset")
+    monkeypatch.setattr(document_stream, "_load_stream", no_stream)      # datasets.load_dataset(streaming=True)
+    monkeypatch.setattr(document_stream.StreamUnits, "read", no_stream)
+    assert activations.ensure_activations(config, None, progress=False) == url
+    assert json.loads((Path(url) / "meta.json").read_text())["extra"]["tokens"]["source"] == "hf_dataset"

@@ -35,3 +35,15 @@ def test_an_unknown_evaluator_fails_before_any_stage(tmp_path):
     with pytest.raises(CrossjaxError, match=r"unknown evaluator\(s\) \['recovry'\].*heldout, phases, recovery, separability, spliced"):
         pipeline.run(c, str(tmp_path / "run"))
     assert not (tmp_path / "store").exists()
+
+
+def test_an_evaluator_setting_is_checked_before_any_stage_runs(tmp_path):
+    """A bad eval.attribution_* setting stops pipeline.run before the suite, the store or the workdir exist."""
+    from crossjax import configs
+    c = configs.load_experiment("experiments/tiny.py:micro")
+    c.evals = "heldout,attribution"
+    c.eval.attribution_task = "kjv_agreement"
+    c.eval.attribution_methods = "attribution,saliency"
+    with pytest.raises(CrossjaxError, match="eval.attribution_methods=.*saliency"):
+        pipeline.run(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
