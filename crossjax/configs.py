@@ -300,6 +300,7 @@ def paper_pythia_run(repo: str, *, d_model: int, hook: str, snapshot_steps, num_
     config.data.source = "snapshots"
     config.data.d_model = int(d_model)
     config.data.streams = 8    # a pod's hosts (up to 8, or a divisor) each read only their own windows
+    config.eval.spliced_split = "validation"   # SlimPajama's held-out splits are validation and test
     config.model.repo = repo
     config.model.snapshots = [f"step{n}" for n in snapshot_steps]
     config.model.hook = hook

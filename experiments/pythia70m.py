@@ -12,8 +12,9 @@ By its FLOP count (forward passes up to block 3: about 2 PFLOP; training: about 
 is minutes on a GPU and, at the 0.4-0.9 TFLOP/s two CPU cores reach on these matmuls, a few hours on a CPU
 (an estimate, not a measured run).
 
-The first stage downloads the 8 revisions and writes the activation store under the workdir
-(8M tokens x 8 snapshots x 512 in float16: about 66 GB; set --config.store.path elsewhere for more room). Any
+The first stage downloads the 8 revisions; the activations are computed on the fly (data.on_the_fly): the store
+under the workdir keeps only the tokens and the 4 held-out blocks, not the 66 GB a stored run needs (8M tokens x 8
+snapshots x 512 in float16; --config.data.on_the_fly=False writes it all). Any
 Hugging Face dataset name or save_to_disk directory with a text field can stand in: --config.tokens.path=...
 
 The plan of one step on one device (`python -m crossjax.plan --config=experiments/pythia70m.py --devices=1
@@ -60,6 +61,13 @@ def get_config():
     config.tokens.num_tokens = TRAIN_TOKENS + HELDOUT_BLOCKS * 4096
     config.store.block_rows = 4096
     config.store.dtype = "float16"
+    # Activations on the fly: the 8 snapshots run inside the training loop, and only the held-out blocks are
+    # stored. A block is 2 contexts of 2048 tokens, so the loader shuffles 64 blocks (128 contexts, 262,144 rows,
+    # 2 GiB of host memory) together, and each block is its own write group so a block read runs only its contexts.
+    config.data.on_the_fly = True
+    config.data.window_blocks = 64
+    config.activations.shuffle_group_rows = 4096
+    config.eval.spliced_split = "validation"   # SlimPajama's held-out splits are validation and test
 
     c = config.crosscoder
     c.num_features = D_MODEL * EXPANSION
