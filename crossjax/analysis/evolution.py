@@ -124,3 +124,43 @@ def summarise(w_dec: np.ndarray, snapshot_names: list[str] | None = None, thresh
         "rotation_by_kind": {k: matrix(m) for k, m in trajectories.rotation_by_kind(w_dec, kinds).items()},
         "clusters": trajectories.cluster_strength_curves(norms, clusters, seed=cluster_seed).to_json(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Raw activation units: the crosscoder sees x * scale[s] (crosscoder.normalize), so its reconstruction in the
+# store's units is xhat[s] / scale[s] and a feature's decoder vector there is W_dec[s, i] / scale[s].
+
+def raw_unit_norms(norms: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """[S, F] decoder norms in normalised units, [S] per-snapshot scales (export / summary) -> [S, F] norms in raw
+    activation units, n[s, f] / scale[s]."""
+    norms, scales = np.asarray(norms, np.float32), np.asarray(scales, np.float64).reshape(-1)
+    if norms.ndim != 2 or scales.shape[0] != norms.shape[0] or not np.all(np.isfinite(scales) & (scales > 0)):
+        raise CrossjaxError(f"raw_unit_norms needs norms [S, F] and S finite positive scales; got {norms.shape} and "
+                            f"{scales.tolist()}: pass the scales of the export the decoder came from")
+    return (norms / scales[:, None]).astype(np.float32)
+
+
+def compare_raw_units(w_dec: np.ndarray, scales: np.ndarray, snapshot_names: list[str] | None = None,
+                      threshold: float = PRESENT) -> dict:
+    """Kinds and emergence on normalised against raw-unit decoder norms (JSON-ready): the kinds and emergent
+    features by step in raw units, how many features change kind, the count of each change "a->b", and for the
+    features emergent in both units whether their emergence snapshot moves."""
+    from crossjax.analysis import trajectories
+    norms = decoder_norms(w_dec)
+    raw = raw_unit_norms(norms, scales)
+    names = list(snapshot_names) if snapshot_names is not None else [str(s) for s in range(norms.shape[0])]
+    before, after = classify_kinds(norms, present=threshold), classify_kinds(raw, present=threshold)
+    emergence = np.where(after == KIND_EMERGENT, emergence_snapshot(raw, threshold), -1)
+    changed = before != after
+    pairs, counts = np.unique(np.char.add(np.char.add(before[changed], "->"), after[changed]), return_counts=True)
+    both = (before == KIND_EMERGENT) & (after == KIND_EMERGENT)
+    shift = emergence[both] - emergence_snapshot(norms, threshold)[both]
+    return {
+        "kinds_raw": {kind: int(np.sum(after == kind)) for kind in KINDS},
+        "emergent_features_by_step": trajectories.emergence_by_step(emergence, names),
+        "changed": int(changed.sum()),
+        "changes": {str(p): int(c) for p, c in zip(pairs, counts)},
+        # features emergent in both units: does undoing the normalisation move their emergence snapshot?
+        "emergent_in_both": {"features": int(both.sum()), "same": int(np.sum(shift == 0)),
+                             "earlier_raw": int(np.sum(shift < 0)), "later_raw": int(np.sum(shift > 0))},
+    }
