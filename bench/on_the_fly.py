@@ -64,6 +64,7 @@ def bench_config(args, on_the_fly: bool, store: str):
     c.train.checkpoint_every, c.train.eval_every, c.train.progress = 0, 0, False
     c.train.log_every = int(c.train.steps)
     c.suite.progress = False
+    c.eval.report = False      # the bench times the data and training stages, not the analyses
     c = pipeline.bind_suite(c)
     configs.validate(c)
     return c
