@@ -23,7 +23,9 @@ Each analysis also leaves its line in DIR/summary.json (evals["attribution"][<ta
 and its section in the next `python -m crossjax.report --workdir=DIR`. At the end of a training run the
 `attribution` evaluator does the --task part (config.evals with attribution, eval.attribution_task and the
 eval.attribution_* settings).
-Errors (an unfinished run, a malformed task line) are one line and exit code 2, as for every crossjax command.
+On several hosts (jax.distributed from the environment or --coordinator/--num_processes/--process_id, as for
+crossjax.train) the processes share the feature index's pass for --complexity; process 0 attributes, scores and
+writes. Errors (an unfinished run, a malformed task line) are one line and exit code 2, as for every crossjax command.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ flags.DEFINE_bool("allow_network", False, "send prompts to the LLM API (nothing 
 flags.DEFINE_integer("complexity_features", 64, "emerging features scored", flag_values=FLAGS)
 flags.DEFINE_bool("skip_invalid_pairs", False, "leave out pairs the run's tokenizer cannot take (a multi-token "
                   "answer, prompts of different lengths) instead of stopping at the first", flag_values=FLAGS)
+
+join_processes = cli.define_distributed_flags(FLAGS)
 
 _USAGE = ("usage: python -m crossjax.analyze --workdir=DIR [--task=NAME_OR_FILE [--snapshots=a,b] [--methods=...] "
           "[--ig_steps=N] [--draws=N] [--max_k=N] [--skip_invalid_pairs]] [--complexity=offline|openai|anthropic "
@@ -116,7 +120,10 @@ def main(argv: list[str]) -> int:
         return 2
 
     def body() -> None:
-        if FLAGS.task:
+        join_processes()    # several hosts share the feature index's pass for --complexity
+        import jax
+        first = jax.process_index() == 0
+        if FLAGS.task and first:   # one process attributes (no pass over the store) and writes
             from crossjax.attribution import analyze_run
             out = analyze_run(FLAGS.workdir, FLAGS.task, snapshots=FLAGS.snapshots or None, methods=FLAGS.methods,
                               ig_steps=FLAGS.ig_steps, draws=FLAGS.draws, seed=FLAGS.seed, max_k=FLAGS.max_k,
@@ -127,7 +134,8 @@ def main(argv: list[str]) -> int:
             out = score_run(FLAGS.workdir, scorer=FLAGS.complexity, model=FLAGS.complexity_model,
                             base_url=FLAGS.complexity_base_url, key_env=FLAGS.complexity_key_env,
                             allow_network=FLAGS.allow_network, features=FLAGS.complexity_features, seed=FLAGS.seed)
-            print(complexity_line(out))
+            if first:
+                print(complexity_line(out))
 
     cli.run("analyze", body)    # bad input or state: one line and exit code 2
     return 0

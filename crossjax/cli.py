@@ -228,6 +228,18 @@ def initialize_distributed(requested: bool | None, coordinator: str | None, num_
     return True
 
 
+def define_distributed_flags(flag_values: flags.FlagValues) -> Callable[[], bool]:
+    """The --[no]distributed, --coordinator, --num_processes and --process_id flags on a command's own flag set (the
+    commands that read a finished workdir and take no --config); returns the function that joins the run's
+    processes with their values (initialize_distributed), to be called before the command's work."""
+    for name in ("distributed", "coordinator", "num_processes", "process_id"):
+        holder = FLAGS[name]
+        define = {"distributed": flags.DEFINE_bool, "coordinator": flags.DEFINE_string}.get(name, flags.DEFINE_integer)
+        define(name, None, holder.help, flag_values=flag_values)
+    return lambda: initialize_distributed(flag_values["distributed"].value, flag_values["coordinator"].value,
+                                          flag_values["num_processes"].value, flag_values["process_id"].value)
+
+
 def main(command: str, body: Callable[[], None]) -> None:
     """`app.run` for a crossjax command whose work is body() (it reads CONFIG.value and WORKDIR.value)."""
     def absl_main(argv):

@@ -19,9 +19,10 @@ def train() -> None:
     summary = pipeline.run(cli.CONFIG.value, cli.WORKDIR.value)
     if jax.process_index() == 0:
         print(report(summary))
-        if cli.CONFIG.value.eval.report:
-            from crossjax.report import write_report
-            path = write_report(summary.workdir)
+    if cli.CONFIG.value.eval.report:   # on every process: they share the feature index's pass; process 0 writes
+        from crossjax.report import write_report
+        path = write_report(summary.workdir)
+        if jax.process_index() == 0:
             print(f"report: {path} (open it in a browser: file://{path})")
 
 

@@ -144,7 +144,10 @@ def _merge_top(top: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     per_feature = sum(v[0].nbytes for v in top.values()) if f else 0
     for a, b in _feature_chunks(f, per_feature):
         # [P, n, k, ...] -> [n, P k, ...]: each feature's candidates from every process side by side
-        cand = {name: np.moveaxis(_gather(v[a:b]), 0, 1).reshape(b - a, -1, *v.shape[2:]) for name, v in top.items()}
+        # in sorted order on every process: a process that read no rows holds its dict in insertion order, one
+        # that did holds jit's (sorted) order, and the gathers must pair the same arrays
+        cand = {name: np.moveaxis(_gather(top[name][a:b]), 0, 1).reshape(b - a, -1, *top[name].shape[2:])
+                for name in sorted(top)}
         order = np.lexsort((cand["row"], -cand["value"]), axis=-1)[:, :k]
         for name, v in cand.items():
             out[name][a:b] = np.take_along_axis(v, order if v.ndim == 2 else order[:, :, None], axis=1)

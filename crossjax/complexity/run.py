@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
 from crossjax import files, summary_sections
@@ -32,12 +33,15 @@ def score_run(workdir: str, *, scorer: str = "offline", model: str = "", base_ur
               cache_dir: str | None = None, log_steps: bool = False, index_rows: int = DEFAULT_ROWS,
               progress: bool = True) -> dict:
     """Score `features` emerging features of the run in workdir with `scorer` (module docstring); the result is
-    also recorded in its summary.json as evals["complexity"][scorer] (summary_entry)."""
+    also recorded in its summary.json as evals["complexity"][scorer] (summary_entry). On a multi-host run every
+    process calls it (they share the index's pass); process 0 scores, writes and returns the result, the others {}."""
     from crossjax.report.contexts import find_tokenizer
     workdir = os.path.abspath(workdir)
     summary = RunSummary.read(workdir)
     index = run_index(workdir, rows=index_rows, top_k=contexts, window=window, stage="complexity",
                       progress=progress)
+    if jax.process_index() != 0:     # the processes shared the index's pass; process 0 alone asks and writes
+        return {}
     tokenizer = find_tokenizer(workdir, list(summary.snapshots)[::-1])     # the last snapshot's, as the LLM reads
     if tokenizer is None and scorer != "offline":
         raise CrossjaxError(f"{workdir} has no tokenizer (planted data, or its snapshots are gone): the {scorer} "

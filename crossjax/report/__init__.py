@@ -31,6 +31,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
+
 from crossjax import console
 from crossjax.errors import CrossjaxError
 
@@ -43,7 +45,8 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
 
     contexts: collect frequencies and top contexts (one pass of a FeatureIndex over up to `index_rows` store rows;
     False leaves them out). context_features: how many of the most frequent features get contexts (plus the
-    separability sample). contexts_per_snapshot: examples kept per feature. Call it on process 0 only.
+    separability sample). contexts_per_snapshot: examples kept per feature. Call it on every process of a multi-host run (they
+    share the index's pass; process 0 writes).
     CrossjaxError when the run is unfinished or its files are damaged."""
     from crossjax.report import contexts as contexts_lib
     from crossjax.report import analysis_plots, inputs, plots, site
@@ -55,15 +58,8 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
                                 f"{'non-negative' if name == 'context_features' else 'positive'} integer")
     data = inputs.load(os.fspath(workdir))
     report = os.path.join(data.workdir, REPORT_DIR)
-    staging = report + ".partial"            # a report stopped half way: ours to clear
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.join(staging, "plots"))
-    console.say("report", f"figures for {data.num_features} features over {len(data.snapshots)} snapshots",
-                enabled=progress)
-    figures = plots.write_all(data, os.path.join(staging, "plots"))
-    analysis = analysis_plots.write_all(data, os.path.join(staging, "plots"))
     collected, note = None, "frequencies and top contexts: left out (contexts=False)"
-    if contexts:
+    if contexts:   # first: every process takes part in the feature index's pass over the store
         try:
             collected = contexts_lib.collect(data, features=context_features, per_snapshot=contexts_per_snapshot,
                                              rows=index_rows, progress=progress)
@@ -73,6 +69,15 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
         except CrossjaxError as e:
             note = f"frequencies and top contexts: left out, no feature index over the run's store ({e})"
             console.say("report", note, enabled=progress)
+    if jax.process_index() != 0:                 # the report is written once, by process 0
+        return os.path.join(report, "index.html")
+    staging = report + ".partial"            # a report stopped half way: ours to clear
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, "plots"))
+    console.say("report", f"figures for {data.num_features} features over {len(data.snapshots)} snapshots",
+                enabled=progress)
+    figures = plots.write_all(data, os.path.join(staging, "plots"))
+    analysis = analysis_plots.write_all(data, os.path.join(staging, "plots"))
     site.write_site(data, figures, collected, note, staging, analysis)
     _replace(staging, report)
     index = os.path.join(report, "index.html")

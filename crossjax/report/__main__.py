@@ -1,10 +1,12 @@
 """Write the report of a finished run (crossjax/report/__init__.py says what it holds).
 
     python -m crossjax.report --workdir=/tmp/crossjax_tiny [--context_features=200] [--contexts_per_snapshot=10]
-        [--index_rows=131072] [--nocontexts]
+        [--index_rows=131072] [--nocontexts] [--coordinator=HOST:PORT --num_processes=N --process_id=I]
 
 prints `report: DIR/report/index.html (file://...)`. It needs no --config: the run's settings are read from
-DIR/config.json and DIR/summary.json. Errors (an unfinished run, a damaged file) are one line and exit code 2, as
+DIR/config.json and DIR/summary.json. On several hosts (jax.distributed joined from the environment or the
+coordinator flags, as for crossjax.train) the processes share the feature index's pass over the store and process 0
+writes the report. Errors (an unfinished run, a damaged file) are one line and exit code 2, as
 for every crossjax command (crossjax/cli.py).
 """
 from __future__ import annotations
@@ -24,7 +26,10 @@ flags.DEFINE_integer("context_features", 200, "features (the most frequent) whos
 flags.DEFINE_integer("contexts_per_snapshot", 10, "top contexts kept per feature", flag_values=FLAGS)
 flags.DEFINE_integer("index_rows", 131072, "store rows the feature index scans", flag_values=FLAGS)
 
-_USAGE = "usage: python -m crossjax.report --workdir=DIR [--context_features=N] [--index_rows=N] [--nocontexts]"
+join_processes = cli.define_distributed_flags(FLAGS)
+
+_USAGE = ("usage: python -m crossjax.report --workdir=DIR [--context_features=N] [--index_rows=N] [--nocontexts] "
+          "[--coordinator=HOST:PORT --num_processes=N --process_id=I]")
 
 
 def main(argv: list[str]) -> int:
@@ -43,10 +48,14 @@ def main(argv: list[str]) -> int:
         return 2
 
     def body() -> None:
+        join_processes()       # several hosts read the store's rows between them; process 0 writes the report
+        import jax
+
         from crossjax.report import write_report
         index = write_report(FLAGS.workdir, contexts=FLAGS.contexts, context_features=FLAGS.context_features,
                              contexts_per_snapshot=FLAGS.contexts_per_snapshot, index_rows=FLAGS.index_rows)
-        print(f"report: {index} ({pathlib.Path(index).resolve().as_uri()})")
+        if jax.process_index() == 0:
+            print(f"report: {index} ({pathlib.Path(index).resolve().as_uri()})")
 
     cli.run("report", body)    # bad input or state: one line and exit code 2
     return 0

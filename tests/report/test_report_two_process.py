@@ -1,0 +1,58 @@
+"""`python -m crossjax.report` on two processes joined by jax.distributed (loopback, gloo, 4 simulated devices
+each): they share the feature index's pass over the store and process 0 alone writes the report, the same
+report as one process writes. The 2048 rows scanned are one batch of the pass, so process 1 reads none: its
+statistics are the empty ones, which must still merge (they once paired the wrong arrays)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from _procs import child_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _report_cmd(workdir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "crossjax.report", f"--workdir={workdir}", "--context_features=8",
+            "--contexts_per_snapshot=3", "--index_rows=2048", *extra]
+
+
+def test_two_processes_write_the_report_of_one(finished_run, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dst in (one, two):
+        shutil.copytree(finished_run[0], dst, ignore=shutil.ignore_patterns("checkpoints", "tb", "index", "report"))
+    single = subprocess.run(_report_cmd(str(one)), cwd=REPO, env=child_env(8), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = _free_port()
+    procs = [subprocess.Popen(_report_cmd(str(two), f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                          f"--process_id={i}"),
+                              cwd=REPO, env=child_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "report: " in outs[0][0] and "report: " not in outs[1][0]   # process 0 alone names the report
+
+    def digest(workdir):   # the saved index (its settings and arrays) and every data file of the report
+        info = json.loads((workdir / "index" / "feature_index.json").read_text())
+        info = {k: v for k, v in info.items() if k not in ("workdir", "export_dir", "store_url")}
+        with np.load(workdir / "index" / "feature_index.npz") as z:
+            arrays = {k: z[k].tobytes() for k in z.files}
+        data = {str(p.relative_to(workdir)): p.read_bytes() for p in sorted((workdir / "report" / "data").rglob("*"))
+                if p.is_file()}
+        return info, arrays, data
+    assert (two / "report" / "index.html").is_file()
+    assert digest(two) == digest(one)
+    assert not list(two.glob("report.partial*"))
