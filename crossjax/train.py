@@ -62,6 +62,20 @@ def report(summary) -> str:
         t = phases["transition"]
         lines.append(f"two phases: the model is closest to the corpus bigram statistics at {t['snapshot']} "
                      f"(to the unigram statistics at {t['closest_to_unigram']})")
+    for task, a in summary.evals.get("attribution", {}).items():
+        items = list(a["snapshots"].items())
+        first, last = items[0], items[-1]
+        x = last[1]
+        line = (f"attribution {task}: metric {first[1]['metric_clean']:+.2f} at {first[0]} -> "
+                f"{x['metric_clean']:+.2f} at {last[0]}")
+        if x.get("k") is not None:
+            line += (f"; top-{x['k']} features ({a['method']}) ablated {x['ablate_top']:+.2f}, {x['k']} random "
+                     f"{x['ablate_random']:+.2f}")
+        lines.append(line)
+    for scorer, c in summary.evals.get("complexity", {}).items():
+        lines.append(f"complexity ({scorer}) against emergence step: Spearman r {c['spearman_r']:+.3f} "
+                     f"(p {c['spearman_p']:.3g}, n {c['features']})" if c.get("spearman_r") is not None else
+                     f"complexity ({scorer}): no correlation ({c.get('note')})")
     evolution = summary.evolution
     if evolution:
         kinds = ", ".join(f"{k} {v}" for k, v in evolution["kinds"].items() if v)

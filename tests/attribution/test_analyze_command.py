@@ -7,7 +7,7 @@ import pytest
 from _attribution_cases import RUN_HOOK as HOOK
 from _attribution_cases import RUN_SNAPSHOTS as S
 from _attribution_cases import write_lines
-from crossjax import analyze
+from crossjax import analyze, train
 from crossjax.summary import RunSummary
 
 
@@ -36,6 +36,11 @@ def test_analyze_prints_the_table_and_writes_the_figures(finished_run, capsys):
         "metric_clean": s1["metric_clean"], "metric_corrupted": s1["metric_corrupted"], "k": c["k"][i],
         "ablate_top": c["ablate_top"][i], "ablate_random": c["ablate_random"][i]}
     assert line["top_features"] == [f for f, _ in s1["top"]["attribution"][:5]]
+    # and the train command's headline of the run shows it
+    headline = [x for x in train.report(RunSummary.read(workdir)).splitlines() if x.startswith("attribution thou")]
+    assert headline == [f"attribution thou: metric {result['snapshots']['step0']['metric_clean']:+.2f} at step0 -> "
+                        f"{s1['metric_clean']:+.2f} at step1; top-{c['k'][i]} features (attribution) ablated "
+                        f"{c['ablate_top'][i]:+.2f}, {c['k'][i]} random {c['ablate_random'][i]:+.2f}"]
     # one snapshot, one method
     assert analyze.main(["analyze", f"--workdir={workdir}", f"--task={task}", "--snapshots=step1",
                          "--methods=attribution"]) == 0

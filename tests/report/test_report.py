@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _procs import child_env
-from crossjax import crosscoder
+from crossjax import crosscoder, train
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
 from crossjax.report import write_report
@@ -328,6 +328,8 @@ def test_attribution_and_complexity_sections_show_the_analyses_outputs(analysed_
     assert evals["attribution"]["agreement"]["top_features"] == [f for f, _ in last["top"]["attribution"][:5]]
     assert evals["complexity"]["offline"]["spearman_r"] is None
     assert evals["complexity"]["offline"]["features"] == c["features"] == len(want)
+    headline = train.report(RunSummary.read(analysed_copy)).splitlines()
+    assert f"complexity (offline): no correlation ({c['note']})" in headline
 
 
 def test_the_complexity_section_gives_spearman_with_p_and_n(analysed_copy):
