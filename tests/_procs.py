@@ -20,3 +20,29 @@ def child_env(devices: int | None, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), **extra)
     return env
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a jax.distributed coordinator)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], log_dir, name: str, *, env: dict, cwd=None, timeout: float = 300) -> None:
+    """Start every command at once (the processes of one jax.distributed job), wait for all, kill the rest when
+    one hangs, and fail with the tail of each process's log (log_dir/<name><i>.log) unless all exit 0."""
+    import subprocess
+    paths = [os.path.join(log_dir, f"{name}{i}.log") for i in range(len(commands))]
+    logs = [open(p, "w") for p in paths]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log) for cmd, log in zip(commands, logs)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    assert codes == [0] * len(commands), "\n".join(open(p).read()[-3000:] for p in paths)

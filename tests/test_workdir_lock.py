@@ -11,7 +11,7 @@ import time
 import pytest
 
 from _files import tree_bytes
-from _procs import child_env
+from _procs import child_env, free_port
 from _trainer_util import ROOT, tiny_config
 from crossjax import locks, pipeline
 from crossjax.errors import CrossjaxError
@@ -99,16 +99,10 @@ def test_an_unwritable_workdir_is_named_with_the_fix(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "w") == []  # nothing written before the lock
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_process_of_a_refused_two_process_run_stops(tmp_path):
     """Process 0 cannot take the lock; process 1 must not wait for it in a collective: both end with exit code 2."""
     holder = _holder_process(tmp_path)
-    cmd = TRAIN + [f"--workdir={tmp_path}", "--distributed", f"--coordinator=127.0.0.1:{_free_port()}",
+    cmd = TRAIN + [f"--workdir={tmp_path}", "--distributed", f"--coordinator=127.0.0.1:{free_port()}",
                    "--num_processes=2"]
     try:
         procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=child_env(2), stdout=subprocess.PIPE,

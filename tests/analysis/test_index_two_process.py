@@ -5,24 +5,16 @@ the store's error; different arguments on the two processes are refused. About 2
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
 
 from _index_runs import index_digest, make_run, make_store
-from _procs import child_env
+from _procs import child_env, free_port, run_together
 from crossjax.analysis import FeatureIndex
 from crossjax.analysis.lookup import INDEX_ARRAYS, INDEX_META
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_index_two_process.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _saved(path):
@@ -47,19 +39,9 @@ def test_two_processes_build_the_one_process_index(tmp_path):
         "mismatch": {"workdir": str(jumprelu), "store_url": None, "build": build, "process": {"1": {"top_k": 7}}},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out, port = tmp_path / "out", _free_port()
-    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, SCRIPT, str(port), str(i), str(tmp_path / "spec.json"), str(out)],
-                              env=child_env(None), stdout=logs[i], stderr=logs[i]) for i in range(2)]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in logs:
-            f.close()
-    assert codes == [0, 0], "\n".join((tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(2))
+    out, port = tmp_path / "out", free_port()
+    run_together([[sys.executable, SCRIPT, str(port), str(i), str(tmp_path / "spec.json"), str(out)] for i in range(2)],
+                 tmp_path, "p", env=child_env(None))
 
     for name in ("jumprelu", "batchtopk"):
         one = FeatureIndex.build(spec[name]["workdir"], progress=False, **spec[name]["build"])  # 8 devices here

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from _procs import child_env
+from _procs import child_env, free_port
 from _data_stores import row_values, write_store
 from crossjax.data import make_loader
 from crossjax.errors import CrossjaxError
@@ -277,12 +276,6 @@ def test_incomplete_store_names_missing_units_and_the_fix(tmp_path):
     assert st.missing_units() == [(3, 1), (4, None)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _merged(a, b):
     """The global value of two processes' views (NaN where the other process holds it); each value held once."""
     mine = [~np.isnan(a), ~np.isnan(b)]
@@ -305,7 +298,7 @@ def test_two_processes_build_the_single_process_batches(store, tmp_path):
     position = tmp_path / "position.json"
     position.write_text(json.dumps(one.get_state()))   # saved by one process after 7 batches
 
-    port = _free_port()
+    port = free_port()
     env = child_env(None)          # each process sets its own 4 devices
     outs = [str(tmp_path / f"p{i}.npz") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, script, str(port), str(i), store.url, outs[i], str(position)],

@@ -5,21 +5,14 @@ statistics are the empty ones, which must still merge (they once paired the wron
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from _procs import child_env
+from _procs import child_env, free_port, run_together
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _report_cmd(workdir: str, *extra: str) -> list[str]:
@@ -35,15 +28,12 @@ def test_two_processes_write_the_report_of_one(finished_run, tmp_path):
                             timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    port = _free_port()
-    procs = [subprocess.Popen(_report_cmd(str(two), f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                          f"--process_id={i}"),
-                              cwd=REPO, env=child_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "report: " in outs[0][0] and "report: " not in outs[1][0]   # process 0 alone names the report
+    port = free_port()
+    run_together([_report_cmd(str(two), f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+                  for i in range(2)], tmp_path, "report", cwd=REPO,
+                 env=child_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+    outs = [(tmp_path / f"report{i}.log").read_text() for i in range(2)]
+    assert "report: " in outs[0] and "report: " not in outs[1]   # process 0 alone names the report
 
     def digest(workdir):   # the saved index (its settings and arrays) and every data file of the report
         info = json.loads((workdir / "index" / "feature_index.json").read_text())

@@ -5,14 +5,12 @@ final parameters of the uninterrupted run. About a minute: two runs of two proce
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from _procs import child_env
+from _procs import child_env, free_port, run_together
 from _trainer_util import ROOT, exported, mesh_overrides, summary, tiny_config, train_records
 from crossjax import checkpoint as ckpt_lib
 from crossjax import pipeline
@@ -23,32 +21,15 @@ STEPS, EVERY, RESUME = 8, 3, 3   # checkpoints 3, 6 and 8; the resumed copies ke
 OVER = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": EVERY}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(tmp_path, store, workdir, *flags):
     """`python -m crossjax.train` in two processes of 4 devices each, joined on loopback."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "crossjax.train", "--config=experiments/synthetic.py:tiny",
            f"--config.store.path={store}", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
            f"--config.train.checkpoint_every={EVERY}", f"--workdir={workdir}", f"--coordinator=127.0.0.1:{port}",
            "--num_processes=2", *flags]
-    name = os.path.basename(workdir)
-    logs = [open(tmp_path / f"{name}{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=child_env(4), stdout=logs[i],
-                              stderr=logs[i]) for i in range(2)]
-    try:
-        codes = [p.wait(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in logs:
-            f.close()
-    assert codes == [0, 0], "\n".join((tmp_path / f"{name}{i}.log").read_text()[-3000:] for i in range(2))
+    run_together([cmd + [f"--process_id={i}"] for i in range(2)], tmp_path, os.path.basename(workdir),
+                 env=child_env(4), cwd=ROOT, timeout=400)
 
 
 def _stopped_copy(workdir, dest) -> str:
