@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from crossjax import console
+from crossjax import console, paths
 from crossjax.errors import CrossjaxError
 
 SKIPPED_SUFFIX = ".skipped"
@@ -50,7 +50,7 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
         if keep < 1:
             raise CrossjaxError(f"keep={keep}: at least one checkpoint must be kept")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = paths.absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -159,10 +159,10 @@ class Checkpoints:
         """Move the step directories out of the manager's view (process 0), so none is the latest again."""
         aside = self.directory + SKIPPED_SUFFIX
         if jax.process_index() == 0:
-            os.makedirs(aside, exist_ok=True)
+            paths.makedirs(aside)
             for step in steps:
-                dest = _unused_path(os.path.join(aside, str(step)))
-                os.rename(os.path.join(self.directory, str(step)), dest)
+                dest = _unused_path(paths.join(aside, str(step)))
+                paths.move(paths.join(self.directory, str(step)), dest)
                 console.say(stage, f"moved the skipped checkpoint step {step} to {dest} (kept for inspection; "
                             "the run no longer reads it)")
         if jax.process_count() > 1:
@@ -227,7 +227,7 @@ def _legacy_position(directory: epath.Path) -> dict:
 def _unused_path(path: str) -> str:
     """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
     candidate, n = path, 0
-    while os.path.exists(candidate):
+    while paths.exists(candidate):
         n += 1
         candidate = f"{path}.{n}"
     return candidate

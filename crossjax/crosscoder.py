@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import metrics
+from crossjax import metrics, paths
 from crossjax.crosscoder_config import ACTIVATIONS, CrosscoderConfig  # noqa: F401 (public here too)
 from crossjax.errors import CrossjaxError
 from crossjax.files import atomic_write
@@ -359,7 +359,7 @@ def loss_fn(params: Params, x: jax.Array, cfg: CrosscoderConfig, *, sparsity_coe
 def export_params(params: Params, scales, cfg: CrosscoderConfig, out_dir: str) -> str:
     """Write out_dir/model.safetensors (float32 params) and out_dir/config.json (the CrosscoderConfig and the
     per-snapshot normalisation scales [S]). Params must be addressable from this process (gather sharded params
-    first on several hosts). Each file is replaced atomically. Returns out_dir."""
+    first on several hosts). Each file is replaced atomically; out_dir may be on gs://. Returns out_dir."""
     from safetensors.numpy import save_file
 
     _check_params(params, cfg)
@@ -370,33 +370,27 @@ def export_params(params: Params, scales, cfg: CrosscoderConfig, out_dir: str) -
     tensors = {k: np.ascontiguousarray(np.asarray(jax.device_get(params[k]), np.float32)) for k in PARAM_NAMES}
     if not all(np.all(np.isfinite(v)) for v in tensors.values()):
         raise CrossjaxError("refusing to export non-finite crosscoder params; resume from an earlier checkpoint")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.fspath(out_dir)
+    paths.makedirs(out_dir)
     meta = {"format": EXPORT_FORMAT, "version": 1, "crosscoder": cfg.to_dict(), "scales": scales.tolist()}
-    atomic_write(os.path.join(out_dir, EXPORT_WEIGHTS),
-                  lambda p: save_file(tensors, p, metadata={"format": EXPORT_FORMAT}))
-
-    def write_json(p):
-        with open(p, "w") as fh:
-            json.dump(meta, fh, indent=2)
-    atomic_write(os.path.join(out_dir, EXPORT_CONFIG), write_json)
+    atomic_write(paths.join(out_dir, EXPORT_WEIGHTS),
+                 lambda p: save_file(tensors, p, metadata={"format": EXPORT_FORMAT}))
+    paths.write_text(paths.join(out_dir, EXPORT_CONFIG), json.dumps(meta, indent=2))
     return out_dir
 
 
 def load_exported(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray, CrosscoderConfig]:
     """(params as float32 numpy arrays, scales [S] float32, cfg) from a directory written by export_params.
     Anything else (a malformed config.json, damaged or mismatched weights) is a CrossjaxError naming the file."""
-    from crossjax import safetensors_file
-
-    path = os.fspath(path)
-    wpath, cpath = os.path.join(path, EXPORT_WEIGHTS), os.path.join(path, EXPORT_CONFIG)
+    path = paths.check_supported(path, "the export directory")
+    wpath, cpath = paths.join(path, EXPORT_WEIGHTS), paths.join(path, EXPORT_CONFIG)
     for p in (wpath, cpath):
-        if not os.path.isfile(p):
+        if not paths.isfile(p):
             raise CrossjaxError(f"{p} not found: {path} is not a crosscoder export (write one with export_params)")
     fix = ("export it again: rerun the training command with the same --config and --workdir (a finished run "
            "exports its last checkpoint again)")
     try:
-        with open(cpath) as fh:
-            meta = json.load(fh)
+        meta = json.loads(paths.read_bytes(cpath))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CrossjaxError(f"{cpath} is not valid JSON ({e}); {fix}") from None
     if not (isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT and meta.get("version") == 1
@@ -417,7 +411,7 @@ def load_exported(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.nd
                     for v in raw)):
         raise CrossjaxError(f"{cpath} has scales {raw!r}; they must be {cfg.num_snapshots} finite numbers > 0, one "
                             f"per snapshot; {fix}")
-    tensors = safetensors_file.read_tensors(wpath, fix=fix)
+    tensors = _read_weights(wpath, fix)
     shapes, got = param_shapes(cfg), {k: tuple(v.shape) for k, v in tensors.items()}
     if got != shapes:
         raise CrossjaxError(f"{wpath} holds tensors {got}, but {cpath} describes {shapes}; {fix}")
@@ -426,3 +420,21 @@ def load_exported(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.nd
     if bad:
         raise CrossjaxError(f"{wpath} holds non-finite values in {bad}; {fix}")
     return params, np.asarray(raw, np.float32), cfg
+
+
+def _read_weights(wpath: str, fix: str) -> dict[str, np.ndarray]:
+    """The checked tensors of an export's weights file; one on gs:// is read through a temporary local file
+    (removed at once), its errors naming the gs:// object."""
+    from crossjax import safetensors_file
+
+    if not paths.is_gcs(wpath):
+        return safetensors_file.read_tensors(wpath, fix=fix)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="crossjax-export-") as tmp:
+        local = os.path.join(tmp, EXPORT_WEIGHTS)
+        with open(local, "wb") as fh:
+            fh.write(paths.read_bytes(wpath))
+        try:
+            return safetensors_file.read_tensors(local, fix=fix)
+        except CrossjaxError as e:
+            raise CrossjaxError(str(e).replace(local, wpath)) from None

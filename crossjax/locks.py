@@ -17,8 +17,10 @@ lock file holds its holder's pid, host, start time and command, so the error nam
   (u % count == index, u < num_units). A second writer whose units overlap those of a live one stops before
   writing anything; the processes of one run (same count, distinct indices) never overlap.
 
-Stores that are not local directories (gs://, memory://) are not locked: the store's done markers still keep a
-finished unit from being written twice.
+On gs:// (no flock there) both locks are leases (crossjax/gcs_lease.py): an object created only if absent,
+renewed by its holder every few seconds; one whose holder's pid is gone from this host, or that has not been
+renewed for gcs_lease.STALE_AFTER_S, is taken over with a message. Other kvstores (memory://, s3://) are not
+locked: the store's done markers still keep a finished unit from being written twice.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from crossjax import console
+from crossjax import console, gcs_lease, paths
 from crossjax.errors import CrossjaxError
 
 WORKDIR_LOCK = ".lock"
@@ -142,7 +144,7 @@ def hold_workdir(workdir: str) -> Iterator[None]:
     """
     import jax
 
-    key = os.path.realpath(workdir)
+    key = paths.absolute(workdir) if paths.is_gcs(workdir) else os.path.realpath(workdir)
     if key in _held_workdirs:
         _held_workdirs[key] += 1
         try:
@@ -150,16 +152,15 @@ def hold_workdir(workdir: str) -> Iterator[None]:
         finally:
             _held_workdirs[key] -= 1
         return
-    path = os.path.join(workdir, WORKDIR_LOCK)
-    fd, error = None, None
+    path = paths.join(workdir, WORKDIR_LOCK)
+    held, error = None, None  # held: the flock'd fd, or the gs:// lease
     if jax.process_index() == 0:
         try:
-            fd = _acquire_workdir(workdir, path)
+            held = _acquire_gcs_workdir(workdir, path) if paths.is_gcs(workdir) else _acquire_workdir(workdir, path)
         except Exception as e:  # the other processes must hear of it before this one stops
             error = e
     if jax.process_count() > 1 and not _all_processes_agree(error is None):
-        if fd is not None:
-            _release(path, fd)
+        _release_workdir(path, held)
         if error is None:
             raise CrossjaxError(f"process 0 of this run could not lock {workdir}: its message says why")
     if error is not None:
@@ -169,8 +170,14 @@ def hold_workdir(workdir: str) -> Iterator[None]:
         yield
     finally:
         del _held_workdirs[key]
-        if fd is not None:
-            _release(path, fd)
+        _release_workdir(path, held)
+
+
+def _release_workdir(path: str, held: int | gcs_lease.Lease | None) -> None:
+    if isinstance(held, gcs_lease.Lease):
+        held.release()
+    elif held is not None:
+        _release(path, held)
 
 
 def _acquire_workdir(workdir: str, path: str) -> int | None:
@@ -196,6 +203,25 @@ def _acquire_workdir(workdir: str, path: str) -> int | None:
         _release(path, fd)
         raise _unwritable(path, e, setting) from e
     return fd
+
+
+def _acquire_gcs_workdir(workdir: str, path: str) -> gcs_lease.Lease:
+    lease, left, took_over = gcs_lease.acquire(path, _holder(), stage="workdir")
+    if lease is None:
+        raise LockHeldError(
+            f"{workdir} is in use by another run: {_describe(left)}, which renewed its lock "
+            f"{_age(left)}. Two runs on one workdir would mix their checkpoints and metrics. Wait for that run "
+            f"to end (the same command then resumes or re-evaluates it), stop it{_kill_hint(left)} (its lock is "
+            f"then taken over once it is {gcs_lease.STALE_AFTER_S:.0f} s old, at once on its own host), or give "
+            "this run another --workdir.")
+    if took_over:
+        console.say("workdir", f"took over the lock of {workdir} from {_describe(left)}, which has ended")
+    return lease
+
+
+def _age(info: dict | None) -> str:
+    beat = (info or {}).get("heartbeat_ns")
+    return f"{(time.time_ns() - beat) / 1e9:.0f} s ago" if isinstance(beat, int) else "at an unknown time"
 
 
 def _kill_hint(info: dict | None) -> str:
@@ -239,12 +265,16 @@ def claim_store_units(url: str, *, index: int, count: int, num_units: int, unit:
     ended is removed with a message (its unfinished units have no done marker and are written again).
     """
     directory = local_directory(url)
-    if directory is None:
-        yield
-        return
-    writers = os.path.join(directory, WRITERS_DIR)
     me = _holder() | {"index": int(index), "count": int(count), "num_units": int(num_units)}
     name = f"{me['host']}-{me['pid']}-{me['started_ns']}"
+    if directory is None:
+        if paths.is_gcs(url):
+            with _claim_gcs_units(url, me, name, unit, stage):
+                yield
+        else:
+            yield
+        return
+    writers = os.path.join(directory, WRITERS_DIR)
     path = os.path.join(writers, name)
     setting = "store.path"
     try:
@@ -301,10 +331,36 @@ def _check_other_writers(writers: str, name: str, me: dict, url: str, unit: str,
         finally:
             os.close(fd)
         if _overlap(info or {}, me["index"], me["count"], me["num_units"]):
-            theirs = (f"{unit}s u with u % {info['count']} == {info['index']}" if info and "count" in info
-                      else "unknown units")
-            raise LockHeldError(
-                f"another writer is writing {url}: {_describe(info)}, writing {theirs}, which overlap the {unit}s "
-                f"this process would write (u % {me['count']} == {me['index']}). Wait for it to end, then run the "
-                f"same command again: it writes only the units still missing. To write another store at the same "
-                f"time, set store.path to another location.")
+            raise _overlap_error(info, me, url, unit)
+
+
+def _overlap_error(info: dict | None, me: dict, url: str, unit: str) -> LockHeldError:
+    theirs = (f"{unit}s u with u % {info['count']} == {info['index']}" if info and "count" in info
+              else "unknown units")
+    return LockHeldError(
+        f"another writer is writing {url}: {_describe(info)}, writing {theirs}, which overlap the {unit}s "
+        f"this process would write (u % {me['count']} == {me['index']}). Wait for it to end, then run the "
+        f"same command again: it writes only the units still missing. To write another store at the same "
+        f"time, set store.path to another location.")
+
+
+@contextlib.contextmanager
+def _claim_gcs_units(url: str, me: dict, name: str, unit: str, stage: str) -> Iterator[None]:
+    """claim_store_units on gs://: the claim is a lease object <store>/.writers/<name>."""
+    writers = paths.join(url.rstrip("/"), WRITERS_DIR)
+    lease, _, _ = gcs_lease.acquire(paths.join(writers, name), me, stage)
+    try:
+        for other in paths.listdir(writers):
+            held = None if other == name else gcs_lease.read_holder(paths.join(writers, other))
+            if held is None:
+                continue  # this claim, or a writer that has just finished
+            info, generation = held
+            if gcs_lease.ended(info):
+                paths.write_if(paths.join(writers, other), None, generation)
+                console.say(stage, f"removed the claim of a writer of {url} that has ended: {_describe(info)}; "
+                            f"its unfinished {unit}s are written again")
+            elif _overlap(info or {}, me["index"], me["count"], me["num_units"]):
+                raise _overlap_error(info, me, url, unit)
+        yield
+    finally:
+        lease.release()

@@ -5,6 +5,10 @@ to tensorboard as `kind/key/snapshot`. Opening the log for a run resumed at step
 resumed run writes them again) and, when r is the final step, the final evaluation (it is measured again).
 A torn last record (a run killed while appending it) is dropped with a message; a damaged record before the last
 one is an error naming its line, as the records after it cannot be trusted to be in order or complete.
+
+On gs:// an object cannot be appended to: the log keeps its lines in memory and each record rewrites the whole
+object (one atomic upload), so a killed run leaves the log as of its last whole record, never a torn one. The
+tensorboard event files are written to a temporary local directory and uploaded whole with each record.
 """
 from __future__ import annotations
 
@@ -13,9 +17,8 @@ import os
 
 import numpy as np
 
-from crossjax import console
+from crossjax import console, paths
 from crossjax.errors import CrossjaxError
-from crossjax.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 STAGE = "crosscoder"
@@ -26,26 +29,41 @@ class MetricsLog:
         import jax
         self.enabled = jax.process_index() == 0
         self.snapshots = tuple(snapshots)
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.join(workdir, METRICS_FILE)
+        self._tb_dir = paths.join(workdir, "tb")
         self._tb = None
+        self._tb_staging: str | None = None
+        self._lines: list[str] | None = [] if paths.is_gcs(self.path) else None  # gs://: the whole log, rewritten
         if not self.enabled:
             return
-        if os.path.exists(self.path):
+        if paths.exists(self.path):
             def kept(r):
                 redone = r["kind"] == "eval" and r["step"] == resume_step == final_step
                 return r["step"] <= resume_step and not redone
             # a fresh run (resume_step 0) keeps nothing, so an old log need not even parse
             records = read_records(self.path) if resume_step > 0 else []
-            atomic_write_text(self.path, "".join(json_line + "\n" for r, json_line in records if kept(r)))
+            lines = [json_line + "\n" for r, json_line in records if kept(r)]
+            paths.write_text(self.path, "".join(lines))
+            if self._lines is not None:
+                self._lines = lines
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if self._lines is None:
+            self._tb = SummaryWriter(self._tb_dir)
+        else:  # written beside, and each event file uploaded whole with every record
+            import tempfile
+            self._tb_staging = tempfile.mkdtemp(prefix="crossjax-tb-")
+            self._tb = SummaryWriter(self._tb_staging)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "kind": kind, **jsonable(values)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self._lines.append(json.dumps(record) + "\n")
+            paths.write_text(self.path, "".join(self._lines))
         for key, v in record.items():
             if key in ("step", "kind"):
                 continue
@@ -54,18 +72,35 @@ class MetricsLog:
                     self._tb.add_scalar(f"{kind}/{key}/{name}", x, step)
             elif isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{kind}/{key}", v, step)
+        self._upload_tb()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            self._upload_tb()
+            if self._tb_staging is not None:
+                import shutil
+                shutil.rmtree(self._tb_staging, ignore_errors=True)
+                self._tb_staging = None
+
+
+    def _upload_tb(self) -> None:
+        """gs://: put the staged tensorboard event files at workdir/tb, each in one upload."""
+        if self._tb_staging is None:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        for name in os.listdir(self._tb_staging):
+            with open(os.path.join(self._tb_staging, name), "rb") as f:
+                paths.write_bytes(paths.join(self._tb_dir, name), f.read())
 
 
 def read_records(path: str) -> list[tuple[dict, str]]:
     """(record, its line without the newline) for each record of the log at `path`; a torn last line is dropped
     (with a message), a damaged line before it raises CrossjaxError."""
-    with open(path, "rb") as f:
-        lines = [(n, line.rstrip(b"\n")) for n, line in enumerate(f, start=1) if line.strip()]
+    data = paths.read_bytes(path)
+    lines = [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
     out = []
     for i, (n, line) in enumerate(lines):
         record = _parse(line)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from crossjax import paths
 from crossjax.errors import CrossjaxError
 from crossjax.snapshot_names import index_of
 from crossjax.store_format import (  # StoreMeta, DTYPES and the errors: callers import them from here
@@ -62,7 +63,7 @@ def resolve_url(path: str, workdir: str | None = None) -> str:
         raise CrossjaxError("store.path is empty: set it to a directory or a kvstore URL such as gs://bucket/store.")
     if "://" in path or os.path.isabs(path) or workdir is None:
         return path
-    return os.path.join(workdir, path)
+    return paths.join(workdir, path)  # under a gs:// workdir: gs://bucket/run/store
 
 
 class ActivationStore:

@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from crossjax import paths
 from crossjax.errors import CrossjaxError
 
 DTYPES: dict[str, np.dtype] = {
@@ -190,7 +191,7 @@ def open_kvstore(url: str) -> tuple[ts.KvStore, str]:
         spec: Any = url if url.endswith("/") else url + "/"
         shown = url.rstrip("/")
     else:
-        shown = os.path.abspath(url)
+        shown = os.path.abspath(paths.require_local(url, "store.path"))  # gs:/b/x (a lost '//') is refused
         spec = {"driver": "file", "path": shown + "/"}
         existing = shown
         while not os.path.exists(existing):

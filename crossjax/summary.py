@@ -16,8 +16,8 @@ import math
 import os
 from typing import Any
 
+from crossjax import paths
 from crossjax.errors import CrossjaxError
-from crossjax.files import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 VERSION = 2  # 1: the untyped dict before evaluators (eval/recovery/spliced at the top level)
@@ -44,21 +44,21 @@ class RunSummary:
         return self.evals.get("heldout", {})
 
     def write(self, workdir: str | None = None) -> str:
-        """Write workdir/summary.json atomically (default: self.workdir); return its path."""
-        path = os.path.join(workdir or self.workdir, SUMMARY_FILE)
+        """Write workdir/summary.json atomically (default: self.workdir; a local path or gs://); return its path."""
+        path = paths.join(workdir or self.workdir, SUMMARY_FILE)
         text = json.dumps(_finite_or_null(dataclasses.asdict(self)), indent=1, allow_nan=False)
-        atomic_write_text(path, text + "\n")
+        paths.write_text(path, text + "\n")
         return path
 
     @classmethod
     def read(cls, workdir_or_file: str | os.PathLike) -> RunSummary:
-        """Read a workdir's summary.json (or the file itself); CrossjaxError when it is missing or malformed."""
-        path = os.fspath(workdir_or_file)
-        if os.path.isdir(path):
-            path = os.path.join(path, SUMMARY_FILE)
+        """Read a workdir's summary.json (or the file itself; local or gs://); CrossjaxError when it is missing or
+        malformed."""
+        path = paths.check_supported(workdir_or_file, "the run summary's location")
+        if paths.isdir(path):
+            path = paths.join(path, SUMMARY_FILE)
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            raw = json.loads(paths.read_bytes(path))
         except FileNotFoundError:
             raise CrossjaxError(f"{path} does not exist: the run has not finished; run python -m crossjax.train "
                                 "with the same --config and --workdir to finish it") from None

@@ -6,13 +6,13 @@ work around (mesh, logging, checkpoint cadence, evaluation), not the numbers tra
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 
 from ml_collections import ConfigDict
 
+from crossjax import paths
 from crossjax.errors import CrossjaxError
-from crossjax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 RESUME_SAFE_KEYS = ("mesh.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -45,12 +45,20 @@ def config_differences(old: dict, new: dict, defaults: dict) -> list[str]:
 
 
 def prepare(workdir: str) -> str:
-    """The absolute path of workdir, created if missing; CrossjaxError when it is a file or cannot be made."""
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    """The absolute path of workdir (a gs:// URL as given), created if missing; CrossjaxError when it is a file,
+    cannot be made, or is a location crossjax cannot write (another scheme; gs:// without gcsfs)."""
+    workdir = paths.absolute(paths.check_supported(workdir, "--workdir"))
+    if paths.is_gcs(workdir):
+        if importlib.util.find_spec("gcsfs") is None:
+            raise CrossjaxError(f"--workdir={workdir} is on Cloud Storage, where the checkpoints are written "
+                                "through gcsfs, which is not installed: pip install 'crossjax[gcs]' (or gcsfs)")
+        if paths.isfile(workdir):
+            raise CrossjaxError(f"--workdir={workdir} is an object, not a directory; choose another --workdir")
+        return workdir
+    if paths.exists(workdir) and not paths.isdir(workdir):
         raise CrossjaxError(f"--workdir={workdir} is a file, not a directory; choose another --workdir")
     try:
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
     except OSError as e:
         raise CrossjaxError(f"cannot create --workdir={workdir} ({e.strerror}: {e.filename}); choose a writable "
                             "location for --workdir") from e
@@ -59,12 +67,13 @@ def prepare(workdir: str) -> str:
 
 def read_recorded(workdir: str) -> dict | None:
     """The config dict recorded in workdir/config.json, None when there is none; CrossjaxError when it is damaged."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, CONFIG_FILE)
+    try:
+        data = paths.read_bytes(path)
+    except FileNotFoundError:
         return None
     try:
-        with open(path, "rb") as f:
-            old = json.loads(f.read())
+        old = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         old = e
     if not isinstance(old, dict):
@@ -95,4 +104,4 @@ def record(config: ConfigDict, workdir: str) -> None:
     """Write workdir/config.json (process 0)."""
     import jax
     if jax.process_index() == 0:
-        atomic_write_text(os.path.join(workdir, CONFIG_FILE), json.dumps(config_json(config), indent=1) + "\n")
+        paths.write_text(paths.join(workdir, CONFIG_FILE), json.dumps(config_json(config), indent=1) + "\n")
