@@ -287,7 +287,8 @@ class ActivationStore:
     def _fill_command(self) -> str:
         """What writes this store's missing units."""
         return ("crossjax.planted.generate_planted(url, cfg) again" if self.meta.model == "planted"
-                else "python -m crossjax.activations --config=<your config> --workdir=<your workdir>")
+                else "python -m crossjax.activations --config=<your config> --workdir=<your workdir> (for the store "
+                     "of an on-the-fly run, which holds only the held-out blocks, add --config.data.on_the_fly=False)")
 
     # ---- reading ---------------------------------------------------------------------------------------
     # Every read is checked: a chunk that is missing, changed or undecodable, and NaN/Inf values, raise

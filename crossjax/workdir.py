@@ -16,7 +16,9 @@ from crossjax.errors import CrossjaxError
 
 CONFIG_FILE = "config.json"
 RESUME_SAFE_KEYS = ("mesh.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.async_checkpointing", "train.progress", "train.eval_every", "eval.", "evals")
+                    "train.async_checkpointing", "train.progress", "train.eval_every", "eval.", "evals",
+                    # the same rows either way (the loader refuses a saved position of another batch order)
+                    "data.on_the_fly", "data.streams")
 
 
 def config_json(config: ConfigDict) -> dict:
