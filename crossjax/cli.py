@@ -55,8 +55,16 @@ def unknown_override(config, argv) -> str | None:
     return None
 
 
-def _fail(command: str, message) -> None:
+def _fail(command: str, message, *, at_once: bool = False) -> None:
+    if at_once:  # nothing logged by a library's thread may follow the message
+        std_logging.disable(std_logging.CRITICAL)
     print(f"crossjax.{command}: error: {message}", file=sys.stderr)
+    if at_once:
+        # a command process ends here: the libraries' exit handlers (tensorboard's flush, orbax's async threads)
+        # would fail again on the same full disk or closed file and print their tracebacks after the message
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -78,17 +86,19 @@ def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
-def run(command: str, body: Callable[[], None]) -> None:
+def run(command: str, body: Callable[[], None], *, exit_at_once: bool = False) -> None:
     """body(), with the one rule for errors of every command: bad input or state the user can fix (a
     CrossjaxError, or an expected OS, JSON or safetensors error) is printed as one short message with its fix and
-    exit code 2; any other exception is a bug in crossjax and propagates with its traceback."""
+    exit code 2; any other exception is a bug in crossjax and propagates with its traceback. exit_at_once: the
+    process is a command's own (main): it exits without running exit handlers, so the message stays the last line
+    (SystemExit otherwise, for a main() called from Python)."""
     try:
         body()
     except Exception as e:
         message = expected_error(e)
         if message is None:
             raise
-        _fail(command, message)
+        _fail(command, message, at_once=exit_at_once)
 
 
 _TS_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
@@ -245,5 +255,5 @@ def main(command: str, body: Callable[[], None]) -> None:
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        run(command, _start(body))
+        run(command, _start(body), exit_at_once=True)
     app.run(absl_main, flags_parser=flags_parser(command))

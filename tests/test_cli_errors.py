@@ -32,6 +32,11 @@ def _command(command, *args, env=None, timeout=180):
     return subprocess.run(argv, cwd=ROOT, env=env or child_env(1), capture_output=True, text=True, timeout=timeout)
 
 
+def _last_line(text: str) -> str:
+    """The last line that is not blank (a library's native thread may end stderr with a bare newline)."""
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
 def _truncated(finished, tmp, name: str):
     """A copy of the finished run, at tmp/run, whose file `name` is cut after 20 bytes."""
     workdir = shutil.copytree(finished, tmp / "run")
@@ -212,8 +217,10 @@ def test_a_full_disk_while_checkpointing_then_room_finishes(mount_tmpfs, finishe
     full = mount_tmpfs("full", "200k")
     store = f"--config.store.path={finished}/store"
     proc = _command("train", TINY, store, f"--workdir={full}/w")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "no space left while writing" in proc.stderr.splitlines()[-1]
+    # orbax's background save threads may print their own failure (a traceback inside asyncio) while the
+    # checkpoint is abandoned; no frame of crossjax's, and the message is the last line
+    assert proc.returncode == 2 and f'File "{ROOT}/crossjax/' not in proc.stderr, proc.stderr[-3000:]
+    assert "no space left while writing" in _last_line(proc.stderr), proc.stderr[-1500:]
     subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)
     proc = _command("train", TINY, store, f"--workdir={full}/w")
     assert proc.returncode == 0, proc.stderr[-3000:]  # from the last checkpoint written, if one was
