@@ -432,10 +432,6 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     elif streams and int(t.batch_size) % streams:
         problems.append(f"data.streams={streams} must divide train.batch_size={t.batch_size}")
 
-    if config.data.on_the_fly and config.eval.report:
-        problems.append("data.on_the_fly=True with eval.report=True: the report's feature index reads the "
-                        "activations of every stored row, which an on-the-fly store does not hold; set "
-                        "eval.report=False (or data.on_the_fly=False)")
     s = num_snapshots(config) if config.data.source in SOURCES else 0
     if config.data.source in SOURCES and store_snapshots(config):
         try:

@@ -2,6 +2,7 @@
 
     prepared = live_store.write_stored_part(config, workdir, stored_tail_blocks=heldout)   # tokens, held-out rows
     store = live_store.open_live(prepared, config, stored_tail_blocks=heldout)              # loads the snapshots
+    store = live_store.reopen(run_config, store_url)          # after training: the run's store, for the FeatureIndex
 
 With ``data.on_the_fly`` the pipeline trains from a :class:`LiveStore` instead of a fully written store.
 
@@ -20,6 +21,9 @@ read this store through the ``ActivationStore`` interface. The loader's windows 
 stream, :mod:`crossjax.batch_order`) are the in-memory shuffle buffer, so the batch sequence is the stored
 path's, a batch mixes many contexts as there, and a checkpoint's loader position (and the seed) resumes it.
 A later run with ``data.on_the_fly=False`` on the same ``store.path`` writes just the missing activations.
+After training, the readers that open the run's store by its URL (the FeatureIndex of the report and of complexity
+scoring) find the training blocks unfinished; ``reopen`` gives them this store again, from the run's config (its
+workdir's config.json), so they read the rows the crosscoder was trained on; that needs the snapshots again.
 
 Cost: a block's rows come from every context holding one of them. With ``activations.shuffle_group_rows`` larger
 than ``store.block_rows`` a block mixes all the contexts of its group, so reading it runs about blocks-per-group
@@ -33,6 +37,7 @@ device receives the forwards and the steps in one order.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -58,7 +63,8 @@ def write_stored_part(config, workdir: str | None, *, stored_tail_blocks: int,
     return prepared
 
 
-def open_live(prepared: activations.PreparedStore, config, *, stored_tail_blocks: int) -> "LiveStore":
+def open_live(prepared: activations.PreparedStore, config, *, stored_tail_blocks: int,
+              progress: bool = True) -> "LiveStore":
     """The prepared store as a LiveStore that computes every block but the last `stored_tail_blocks`."""
     nb = prepared.store.meta.num_blocks
     stored = _stored_blocks(nb, stored_tail_blocks)
@@ -66,13 +72,70 @@ def open_live(prepared: activations.PreparedStore, config, *, stored_tail_blocks
     console.say("activations", f"on the fly: blocks {stored.start}..{nb - 1} stored, the activations of the "
                 f"other {len(live.live_blocks)} computed as they are read, by {live.meta.num_snapshots} snapshots "
                 f"resident on {1 if prepared.mesh is None else prepared.mesh.size} device(s) "
-                f"({live.device_bytes / 2 ** 20:.1f} MiB per device)")
+                f"({live.device_bytes / 2 ** 20:.1f} MiB per device)", enabled=progress)
     if prepared.layout.blocks_per_group > 1:
         console.say("activations", f"on the fly: activations.shuffle_group_rows={prepared.layout.group_rows} holds "
                     f"{prepared.layout.blocks_per_group} blocks, so reading one block runs the contexts of all of "
                     f"them; set activations.shuffle_group_rows={prepared.layout.block_rows} (= store.block_rows) to "
-                    "run each context about once per epoch")
+                    "run each context about once per epoch", enabled=progress)
     return live
+
+
+def reopen(config, url: str, *, progress: bool = True) -> "LiveStore":
+    """The on-the-fly store at `url` as the LiveStore a run of `config` trained from (for readers after training:
+    `config` is the run's, read back from its workdir's config.json). Writes nothing: the held-out blocks are read
+    from disk, the others computed by the run's snapshots, loaded again (hash checked against the store's meta).
+    CrossjaxError naming the snapshot and the fix when one is gone or is not one the store was computed from."""
+    config = copy.deepcopy(config)
+    config.store.path = url        # where the store is now (a moved workdir's), not where the run wrote it
+    on_disk = store_lib.ActivationStore.open(url)
+    try:
+        activations.snapshot_dirs(config.model, list(config.model.snapshots))
+    except CrossjaxError as e:
+        raise CrossjaxError(f"{_needs_snapshots(on_disk)}, but they cannot be found: {e} {_restore(config)}") from e
+    try:
+        prepared = activations.prepare_store(config, None)   # opens the store: its meta equals the one recomputed
+    except store_lib.StoreMismatchError as e:
+        raise _inputs_changed(config, on_disk, e) from None
+    return open_live(prepared, config, stored_tail_blocks=int(config.train.heldout_blocks), progress=progress)
+
+
+def _needs_snapshots(store: store_lib.ActivationStore) -> str:
+    return (f"the store {store.url} was written by a run with data.on_the_fly=True: it keeps the activations of the "
+            "held-out blocks only, the training rows are computed by the run's snapshots")
+
+
+def _restore(config) -> str:
+    """The fix for snapshots that are gone or changed."""
+    where = (f"model.path_template={config.model.path_template!r}" if config.model.path_template
+             else f"model.repo={config.model.repo!r}")
+    rebuild = (" (with suite.enabled, the run's training command rebuilds the suite's snapshots bit for bit)"
+               if config.suite.enabled else "")
+    return (f"Put the run's snapshots {list(config.model.snapshots)} back where its config.json names them "
+            f"({where}){rebuild}, then read the store again.")
+
+
+def _inputs_changed(config, store: store_lib.ActivationStore, error: CrossjaxError) -> CrossjaxError:
+    """The error for snapshots (or tokens) that are no longer those `store` was computed from; only built then."""
+    from crossjax.models import load as load_lib
+
+    names, specs = activations.snapshot_specs(config.model)
+    cache_dir = config.model.get("cache_dir") or None
+    recorded = dict(zip(store.meta.snapshots, store.meta.snapshot_hashes or ()))
+    changed = []
+    for name, (spec, rev) in zip(names, specs):
+        info = load_lib.inspect_snapshot(spec, rev, cache_dir=cache_dir)
+        if recorded.get(name) not in (None, info.content_hash):
+            changed.append(f"{name} ({info.path}: weights hash {info.content_hash[:12]}, the store's "
+                           f"{recorded[name][:12]})")
+    if changed:
+        return CrossjaxError(f"{_needs_snapshots(store)}, and these are not the snapshots it was computed from: "
+                             f"{', '.join(changed)}. {_restore(config)}")
+    # the store's recorded fields against the ones recomputed now; the advice after them is for a writer
+    differences = str(error).split(": use another store.path")[0]
+    return CrossjaxError(f"{_needs_snapshots(store)} over the run's tokens, and the run's inputs now give another "
+                         f"store: {differences}. Restore the snapshots and the corpus the run used, then read it "
+                         "again.")
 
 
 def _stored_blocks(num_blocks: int, tail: int) -> range:
@@ -97,6 +160,7 @@ class LiveStore(store_lib.ActivationStore):
         store._forwards = [activations.hook_forward(m, config.model.hook, out_dtype, prepared.mesh,
                                                     dispatch_lock=trainer.DEVICE_DISPATCH) for m in models]
         store._forward_lock = threading.Lock()
+        store._recent, store._recent_lock = {}, threading.Lock()    # read_rows: the blocks of its last call
         return store
 
     # ---- the reads the loader, the trainer, the scales and the evaluators make ---------------------------
@@ -125,13 +189,23 @@ class LiveStore(store_lib.ActivationStore):
         return out
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of every snapshot: ``[n, S, D]`` in the store dtype."""
+        """Rows [start, stop) of every snapshot: ``[n, S, D]`` in the store dtype. The blocks of the last call are
+        kept: sequential readers (the FeatureIndex's pass, the scales) whose reads do not end at block boundaries
+        compute each block once."""
         self._check_rows(start, stop)
         r = self.meta.block_rows
         blocks = list(range(start // r, (stop - 1) // r + 1))
         if not any(b in self.live_blocks for b in blocks):
             return super().read_rows(start, stop)
-        return self.read_blocks(blocks)[start - blocks[0] * r: stop - blocks[0] * r]
+        with self._recent_lock:
+            recent = self._recent
+            need = [b for b in blocks if b not in recent]
+            computed = self.read_blocks(need) if need else None
+            at = np.cumsum([0] + [hi - lo for lo, hi in map(self.block_range, need)])
+            got = {**{b: recent[b] for b in blocks if b in recent},
+                   **{b: computed[at[i]:at[i + 1]] for i, b in enumerate(need)}}
+            self._recent = got
+        return np.concatenate([got[b] for b in blocks])[start - blocks[0] * r: stop - blocks[0] * r]
 
     def require_complete(self, blocks: Iterable[int] | None = None, *, activations: bool = True,
                          tokens: bool = True) -> None:

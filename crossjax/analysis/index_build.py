@@ -25,7 +25,9 @@ its run of blocks of the token arrays), and the per-feature statistics are merge
 (crossjax/analysis/index_merge.py): every process holds the index one process would have built. Every process of
 the job must call `scan` (FeatureIndex.build) with the same arguments; FeatureIndex.save writes on process 0.
 
-The export and the store are found from a training workdir (export/ + summary.json) or an export directory.
+The export and the store are found from a training workdir (export/ + summary.json) or an export directory. The
+store of a run with data.on_the_fly holds its held-out blocks' activations only: `open_store` reopens it as the
+run's LiveStore (from the workdir's config.json), so the training rows are computed by the run's snapshots.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossjax import console, crosscoder
+from crossjax import workdir as workdir_lib
 from crossjax.analysis import activation_histograms, evolution, exact_sum, index_merge, index_pass
 from crossjax.errors import CrossjaxError
-from crossjax.store import ActivationStore
+from crossjax.store import ActivationStore, IncompleteStoreError
 from crossjax.summary import SUMMARY_FILE, RunSummary
 
 INDEX_FORMAT = "crossjax.feature_index"
@@ -169,6 +172,34 @@ def _same_place(recorded: str, recorded_workdir: str, workdir: Path) -> str | No
         return None
 
 
+def open_store(url: str, trained_on: TrainedOn | None, *, rows: int | None = None,
+               progress: bool = True) -> ActivationStore:
+    """The store at `url`, to read its first `rows` rows (None: all). A run with data.on_the_fly wrote only its
+    held-out blocks' activations there: when those rows are unfinished and the run's config.json says so, the store
+    is reopened as the run's LiveStore (crossjax/live_store.py), whose snapshots compute the rows it trained on."""
+    store = ActivationStore.open(url)
+    workdir = trained_on.workdir if trained_on else ""
+    n = store.meta.num_rows if rows is None else min(int(rows), store.meta.num_rows)
+    blocks = range(-(-n // store.meta.block_rows))
+    if not workdir or _stored(store, blocks):
+        return store
+    recorded = workdir_lib.read_recorded(workdir) or {}
+    if not (recorded.get("data") or {}).get("on_the_fly"):
+        return store      # reading it names the unfinished units and the command that writes them
+    from crossjax import live_store
+    from crossjax.analysis import new_text
+    return live_store.reopen(new_text.run_config(workdir), store.url, progress=progress)
+
+
+def _stored(store: ActivationStore, blocks: range) -> bool:
+    """Whether the activations of `blocks` are all written."""
+    try:
+        store.require_complete(blocks, tokens=False)
+    except IncompleteStoreError:
+        return False
+    return True
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -281,7 +312,7 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
                                 "trained on).")
     store_url = os.fspath(store_url)
     params_np, scales, cfg = crosscoder.load_exported(str(export))
-    store = ActivationStore.open(store_url)
+    store = open_store(store_url, trained_on, rows=max_rows, progress=progress)
     columns = _trained_columns(cfg, export, store, trained_on.snapshots if trained_on else None)
 
     n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)

@@ -173,7 +173,9 @@ class FeatureIndex:
             self.info["export_dir"] = str(export.resolve())
             self._export = None
         if store_url is not None:
-            store = ActivationStore.open(_path_arg("attach", store_url, url=True))
+            # an on-the-fly run's store is reopened with its snapshots (index_build.open_store)
+            store = index_build.open_store(_path_arg("attach", store_url, url=True),
+                                           index_build.TrainedOn("", None, self.info.get("workdir") or ""))
             if hashlib.sha256(store.meta.to_json()).hexdigest() != self.info["store_meta_sha256"]:
                 raise CrossjaxError(f"the store {store.url} is not the one this index was built from "
                                     f"({self.info['store_url']}; its meta.json differs): pass that store.")

@@ -73,6 +73,13 @@ def test_on_the_fly_rows_are_the_rows_the_activation_stage_writes(root, stored_r
     assert got.dtype == want.dtype == np.float16 and got.shape == want.shape
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(live.read_rows(40, 100), live.read_blocks([1, 2, 3])[8:68])
+    # a sequential reader whose reads straddle blocks (the FeatureIndex's pass) computes each block once
+    computed, compute = [], live._compute
+    live._compute = lambda bs: computed.extend(bs) or compute(bs)
+    parts = [live.read_rows(a, min(a + 20, 300)) for a in range(0, 300, 20)]
+    np.testing.assert_allclose(np.concatenate(parts).astype(np.float32), stored.read_rows(0, 300).astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+    assert computed == list(range(8))
     np.testing.assert_allclose(live.estimate_scales(100), stored.estimate_scales(100), rtol=1e-4)
 
 
@@ -186,9 +193,108 @@ def test_on_the_fly_needs_model_snapshots(tmp_path):
     c.data.on_the_fly = True                    # data.source is "planted"
     with pytest.raises(CrossjaxError, match=r"on_the_fly=True computes model activations.*data.source='snapshots'"):
         configs.validate(c)
-    c.data.source, c.model.snapshots, c.eval.report = "snapshots", ["step0"], True
-    with pytest.raises(CrossjaxError, match=r"eval.report=True: the report's feature index.*set eval.report=False"):
-        configs.validate(c)
-    c.eval.report = False
+    c.data.source, c.model.snapshots = "snapshots", ["step0"]
+    configs.validate(c)
+    c.eval.report = True                        # the report's feature index reads the run's LiveStore
     configs.validate(c)
     assert not list(tmp_path.iterdir())
+
+
+# ---- after training: the run's FeatureIndex (report, complexity) over the rows the snapshots compute ---------------
+
+_INDEX_ARGS = dict(top_k=5, batch_rows=64, window=3, histogram_bins=16, progress=False)
+
+
+def _assert_same_index(got, want):
+    assert sorted(got._a) == sorted(want._a)
+    for name in want._a:
+        np.testing.assert_array_equal(got._a[name], want._a[name], err_msg=name)
+    assert {k: v for k, v in got.info.items() if k != "store_url"} == \
+        {k: v for k, v in want.info.items() if k != "store_url"}
+
+
+def _report_data(path: Path, kind: str):
+    """The value a report data script passes to crossjaxData."""
+    import json
+    text = path.read_text().strip()
+    return json.loads(text[text.index(",", len(f'crossjaxData("{kind}",')) + 1:-2])
+
+
+def test_the_feature_index_of_an_on_the_fly_run_equals_the_one_over_the_written_store(stored_run, live_run):
+    from crossjax import live_store
+    from crossjax.analysis.lookup import FeatureIndex
+    workdir, written = live_run[0] / "run", str(stored_run[0] / "store")
+    chunks = _activation_chunks(live_run[0] / "store")
+    got = FeatureIndex.build(workdir, **_INDEX_ARGS)          # the store named by summary.json: held-out rows only
+    assert isinstance(got._store, live_store.LiveStore) and got.info["store_url"] == str(live_run[0] / "store")
+    # the reference: the same export over the store the activation stage wrote for the same config
+    want = FeatureIndex.build(workdir, store_url=written, **_INDEX_ARGS)
+    assert not isinstance(want._store, live_store.LiveStore)
+    assert got.rows_scanned == want.rows_scanned == 300 and want.info["store_url"] == written
+    assert (got._a["top_row"] < 256).any() and got._a["count"].sum() > 0    # training rows were indexed
+    _assert_same_index(got, want)
+    # nothing was written into the on-the-fly store: its training blocks are still unfinished
+    assert not store_lib.ActivationStore.open(got.info["store_url"]).is_done(0, 0)
+    assert _activation_chunks(live_run[0] / "store") == chunks
+
+
+def test_the_report_of_an_on_the_fly_run_has_its_feature_contexts(stored_run, live_run, tmp_path):
+    import shutil
+    from crossjax.analysis import run_index
+    from crossjax.analysis.lookup import FeatureIndex
+    from crossjax.report import write_report
+    workdir = tmp_path / "run"                      # a moved copy of the workdir: the store is found where it is
+    shutil.copytree(live_run[0] / "run", workdir)
+    report = Path(write_report(workdir, context_features=8, contexts_per_snapshot=4, progress=False)).parent
+    saved = FeatureIndex.load(run_index.index_path(workdir))      # the run's one index, shared with complexity
+    want = FeatureIndex.build(workdir, store_url=str(stored_run[0] / "store"), max_rows=run_index.DEFAULT_ROWS,
+                              top_k=4, window=run_index.WINDOW, progress=False)
+    _assert_same_index(saved, want)
+    # the pages show the frequencies and top contexts of that index
+    meta = _report_data(report / "data" / "meta.js", "meta")
+    assert meta["has_frequency"] and meta["rows_scanned"] == 300, meta["contexts_note"]
+    records = _report_data(report / "data" / "feature" / "feature_00000.js", "feature")   # features 0, 1, ...
+    shown = {f: r["ctx"] for f, r in enumerate(records) if r["ctx"]}
+    assert len(shown) >= 8
+    for f, ctx in shown.items():
+        top = want._a["top_row"][f]
+        assert [e[0] for e in ctx["ex"]] == top[top >= 0][:4].tolist(), f
+    # the next consumer (complexity scoring) reuses it as it is
+    built = (Path(run_index.index_path(workdir)) / "feature_index.npz").stat().st_mtime_ns
+    run_index.run_index(workdir, rows=run_index.DEFAULT_ROWS, top_k=4, progress=False)
+    assert (Path(run_index.index_path(workdir)) / "feature_index.npz").stat().st_mtime_ns == built
+
+
+def test_an_on_the_fly_index_without_its_snapshots_names_the_missing_one(root, live_run, tmp_path):
+    import shutil
+    from crossjax.analysis.lookup import FeatureIndex
+    workdir = tmp_path / "run"
+    shutil.copytree(live_run[0] / "run", workdir)
+    gone = root / "step1"
+    gone.rename(root / "step1.moved")                # the fault: a snapshot the training rows need is gone
+    try:
+        with pytest.raises(CrossjaxError, match=rf"data.on_the_fly=True: it keeps the activations of the held-out "
+                           rf"blocks only.*snapshot directory '{gone}' does not exist.*Put the run's snapshots "
+                           r"\['step0', 'step1', 'step2'\] back where its config.json names them \(model.path_template="):
+            FeatureIndex.build(workdir, **_INDEX_ARGS)
+    finally:
+        (root / "step1.moved").rename(gone)
+    assert not (workdir / "index").exists()
+    assert FeatureIndex.build(workdir, **_INDEX_ARGS).rows_scanned == 300     # back in place: it builds
+
+
+def test_an_on_the_fly_index_over_changed_snapshots_names_the_changed_one(root, live_run):
+    from safetensors.numpy import load_file, save_file
+    from crossjax.analysis.lookup import FeatureIndex
+    weights = root / "step2" / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1       # the fault: another snapshot now stands where the run's step2 was
+    save_file(tensors, str(weights), metadata={"format": "np"})
+    try:
+        with pytest.raises(CrossjaxError, match=rf"not the snapshots it was computed from: step2 \({root / 'step2'}: "
+                           r"weights hash \w+, the store's \w+\)\. Put the run's snapshots"):
+            FeatureIndex.build(live_run[0] / "run", **_INDEX_ARGS)
+    finally:
+        weights.write_bytes(original)
