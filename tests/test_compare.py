@@ -115,6 +115,7 @@ def test_a_snapshot_subset_delivers_exactly_those_columns(tmp_path):
         data.make_loader(store, global_batch=64, seed=3, sharding=None, snapshots=[4])
 
 
+@pytest.mark.slow   # about 17 s; compare itself (above) trains and evaluates one-snapshot runs
 def test_a_subset_run_trains_and_evaluates_on_exactly_that_column(tmp_path):
     """Store snapshots planted_0..3, data.snapshots="2": the run sees column 2 only."""
     c = _tiny()

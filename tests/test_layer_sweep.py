@@ -31,6 +31,7 @@ def swept(tmp_path_factory):
     return workdir, layer_sweep.sweep(_micro(), workdir, [0, 1])
 
 
+@pytest.mark.slow   # the sweep trains the micro suite at two hooks (about 20 s)
 def test_each_layer_is_a_run_at_its_hook(swept):
     workdir, rows = swept
     assert [r["layer"] for r in rows] == [0, 1]
@@ -55,6 +56,7 @@ def test_each_layer_is_a_run_at_its_hook(swept):
     assert "layer 0:" in layer_sweep.table(rows) and "layer 1:" in layer_sweep.table(rows)
 
 
+@pytest.mark.slow
 def test_a_finished_layer_is_reused_and_another_config_refused(swept):
     workdir, rows = swept
     layer1 = Path(workdir, "layer1")

@@ -26,15 +26,6 @@ def _config(store, **overrides):
 
 
 @pytest.fixture(scope="module")
-def gcs_store(gcs_emulator):
-    """The tiny planted store, written to the bucket once for this module."""
-    url = f"gs://{gcs_emulator['bucket']}/run-store"
-    from crossjax import planted
-    planted.ensure_planted(_config(url).planted, url)
-    return url
-
-
-@pytest.fixture(scope="module")
 def local_run(gcs_store, tmp_path_factory):
     """The reference: the same run, uninterrupted, on a local workdir (reading the same store)."""
     workdir = str(tmp_path_factory.mktemp("local_run"))
@@ -80,6 +71,7 @@ def _cli(store, workdir):
             "--config.train.log_every=2", "--config.train.progress=False", f"--workdir={workdir}"]
 
 
+@pytest.mark.slow   # about 22 s; the store writer and the uploads are SIGKILLed on gs:// in the default run
 def test_sigkill_mid_run_on_gcs_then_same_command_resumes(gcs_emulator, gcs_store, local_run, gcs_url, tmp_path):
     workdir = gcs_url + "/run"
     env = child_env(8, **gcs_emulator["env"])
