@@ -19,11 +19,10 @@ The hook name is the store's (crossjax names hooks as TransformerLens does, e.g.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
-from crossjax import console, crosscoder, files, snapshot_names
+from crossjax import console, crosscoder, files, paths, snapshot_names
 from crossjax.crosscoder_config import CrosscoderConfig
 from crossjax.errors import CrossjaxError
 
@@ -115,7 +114,8 @@ def export(workdir: str, snapshot: str | int, out_dir: str, *, refit_steps: int 
     params, scales, cfg = crosscoder.load_exported(summary.export)
     s = snapshot_names.index_of(snapshot, summary.snapshots, where="the run")
     name = summary.snapshots[s]
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    paths.check_supported(out_dir, "--out")
+    if paths.isfile(out_dir):
         raise CrossjaxError(f"--out={out_dir} is a file; name a directory for the SAE")
     store = store_lib.ActivationStore.open(summary.store)
     from crossjax import workdir as workdir_lib
@@ -137,14 +137,14 @@ def export(workdir: str, snapshot: str | int, out_dir: str, *, refit_steps: int 
                               sparsity_coef=float(train_cfg["sparsity_coef"]), seed=int(train_cfg["seed"]))
         tensors = slice_params(refit, scales, cfg, s)
         figures["refit_ev"], figures["refit_steps"] = single_snapshot_ev(tensors, x), int(refit_steps)
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     from safetensors.numpy import save_file
-    files.atomic_write(os.path.join(out_dir, WEIGHTS), lambda p: save_file(tensors, p))
-    files.atomic_write_text(os.path.join(out_dir, CONFIG), json.dumps(
+    files.atomic_write(paths.join(out_dir, WEIGHTS), lambda p: save_file(tensors, p))
+    files.atomic_write_text(paths.join(out_dir, CONFIG), json.dumps(
         saelens_config(cfg.d_model, cfg.num_features, store.meta.hook, store.meta.model, name), indent=1) + "\n")
-    provenance = {"workdir": os.path.abspath(workdir), "snapshot": name, "snapshot_index": s,
+    provenance = {"workdir": paths.absolute(workdir), "snapshot": name, "snapshot_index": s,
                   "heldout_rows": int(len(x)), **figures}
-    files.atomic_write_text(os.path.join(out_dir, PROVENANCE), json.dumps(provenance, indent=1) + "\n")
+    files.atomic_write_text(paths.join(out_dir, PROVENANCE), json.dumps(provenance, indent=1) + "\n")
     return provenance
 
 

@@ -22,6 +22,7 @@ features of one row; the feature table (crossjax/analysis/feature_table.py) and 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import crosscoder
+from crossjax import crosscoder, paths
 from crossjax.analysis import activation_histograms, evolution, index_build, index_pass
 from crossjax.analysis.index_results import Example, FeatureReport, Histogram
 from crossjax.errors import CrossjaxError
@@ -59,6 +60,26 @@ def _path_arg(where: str, path, *, url: bool = False):
         raise CrossjaxError(f"{where}: {path!r} is not a path; pass a directory{' or URL' if url else ''} as a "
                             "string.")
     return os.fspath(path) if url else Path(path)
+
+
+def _is_url(path) -> bool:
+    """A gs:// location (read and written through crossjax.paths; pathlib would turn gs://b/x into gs:/b/x)."""
+    return isinstance(path, (str, os.PathLike)) and paths.is_gcs(path)
+
+
+def _export_and_sha256(export_dir) -> tuple[str, str]:
+    """(the export directory, resolved, or a gs:// prefix; the hash of its weights) of an export or a workdir."""
+    if not _is_url(export_dir):
+        export, _ = index_build.resolve_export(export_dir)
+        return str(export.resolve()), index_build.file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+    where = paths.absolute(export_dir)
+    if paths.isdir(paths.join(where, "export")):   # a workdir, as resolve_export takes it
+        where = paths.join(where, "export")
+    weights = paths.join(where, crosscoder.EXPORT_WEIGHTS)
+    if not paths.isfile(weights):
+        raise CrossjaxError(f"{where} is neither a crosscoder export ({crosscoder.EXPORT_WEIGHTS}) nor a workdir "
+                            "with export/: finish training first (python -m crossjax.train) or point at the export.")
+    return where, hashlib.sha256(paths.read_bytes(weights)).hexdigest()
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -102,7 +123,8 @@ class FeatureIndex:
               emergence_threshold: float = 0.5, histogram_bins: int = 32, progress: bool = True) -> FeatureIndex:
         """Scan the store once with the exported crosscoder and collect per-feature statistics.
 
-        export_dir_or_workdir: a crosscoder export (config.json + model.safetensors) or a training workdir.
+        export_dir_or_workdir: a crosscoder export (config.json + model.safetensors) or a training workdir,
+            local or on gs://.
         store_url: the activation store; None takes it from the workdir's summary.json.
         max_rows: scan only the first rows (the store's rows are shuffled, so this is a random sample).
         window: positions on each side of a top example whose tokens are kept for :meth:`top_examples`.
@@ -110,9 +132,15 @@ class FeatureIndex:
         Under jax.distributed every process calls build with the same arguments: each reads only its share of the
         rows and all get the index one process would build (crossjax/analysis/index_merge.py).
         """
-        scan = index_build.scan(export_dir_or_workdir, store_url, max_rows=max_rows, top_k=top_k,
-                                batch_rows=batch_rows, window=window, emergence_threshold=emergence_threshold,
-                                histogram_bins=histogram_bins, progress=progress)
+        settings = dict(max_rows=max_rows, top_k=top_k, batch_rows=batch_rows, window=window,
+                        emergence_threshold=emergence_threshold, histogram_bins=histogram_bins, progress=progress)
+        if _is_url(export_dir_or_workdir):    # a run on gs://: its export staged locally for the pass
+            from crossjax.analysis import remote_run
+            with remote_run.staged(os.fspath(export_dir_or_workdir)) as local:
+                scan = index_build.scan(local, store_url, **settings)
+                remote_run.restore_places(scan.info, os.fspath(export_dir_or_workdir), local)
+        else:
+            scan = index_build.scan(export_dir_or_workdir, store_url, **settings)
         index = cls(scan.arrays, scan.info)
         index._export = scan.export
         index._store = scan.store
@@ -121,56 +149,78 @@ class FeatureIndex:
     # ---- saving --------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path.
-        Under jax.distributed only process 0 writes (every process holds the same index)."""
+        """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path
+        (a directory, or a gs:// prefix). Under jax.distributed only process 0 writes (every process holds the
+        same index)."""
+        if _is_url(path):
+            return self._save_gcs(os.fspath(path))
         p = _path_arg("FeatureIndex.save", path)
         if jax.process_index() != 0:
             return str(p)
         if p.exists() and not p.is_dir():
             raise CrossjaxError(f"{p} is a file: FeatureIndex.save writes a directory; choose another path.")
         p.mkdir(parents=True, exist_ok=True)
-        arrays = dict(self._a, window_keys=self._wkeys, window_tokens=self._wtokens)  # incl. widened windows
-        def write_arrays(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, **arrays)
-        atomic_write(p / INDEX_ARRAYS, write_arrays)
+        atomic_write(p / INDEX_ARRAYS, self._write_arrays)
         atomic_write_text(p / INDEX_META, json.dumps(self.info, indent=1) + "\n")
         return str(p)
 
+    def _write_arrays(self, tmp: str) -> None:
+        arrays = dict(self._a, window_keys=self._wkeys, window_tokens=self._wtokens)  # incl. widened windows
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, **arrays)
+
+    def _save_gcs(self, url: str) -> str:
+        """save() to gs://: two whole-object uploads, arrays first (a reader sees the settings only with them)."""
+        url = paths.absolute(url)
+        if jax.process_index() != 0:
+            return url
+        if paths.isfile(url):
+            raise CrossjaxError(f"{url} is an object: FeatureIndex.save writes a prefix of two objects; choose "
+                                "another path.")
+        paths.write_via_local_file(paths.join(url, INDEX_ARRAYS), self._write_arrays)
+        paths.write_text(paths.join(url, INDEX_META), json.dumps(self.info, indent=1) + "\n")
+        return url
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureIndex:
-        """An index written by :meth:`save`. The export and store it was built from are opened only when needed
-        (:meth:`features_for_row`, wider windows); :meth:`attach` points it at moved copies."""
-        p = _path_arg("FeatureIndex.load", path)
-        files = [p / INDEX_ARRAYS, p / INDEX_META]
-        missing = [str(f) for f in files if not f.is_file()]
+        """An index written by :meth:`save` (a directory or a gs:// prefix). The export and store it was built
+        from are opened only when needed (:meth:`features_for_row`, wider windows); :meth:`attach` points it at
+        moved copies."""
+        if _is_url(path):
+            where = paths.absolute(path)
+            files = [paths.join(where, INDEX_ARRAYS), paths.join(where, INDEX_META)]
+            isfile, read = paths.isfile, paths.read_bytes
+        else:
+            p = _path_arg("FeatureIndex.load", path)
+            where, files = str(p), [p / INDEX_ARRAYS, p / INDEX_META]
+            isfile, read = (lambda f: f.is_file()), (lambda f: f.read_bytes())
+        missing = [str(f) for f in files if not isfile(f)]
         if missing:
-            raise CrossjaxError(f"{missing} not found: {p} is not a saved FeatureIndex (write one with "
+            raise CrossjaxError(f"{missing} not found: {where} is not a saved FeatureIndex (write one with "
                                 "FeatureIndex.build(...).save(path)).")
         try:
-            info = json.loads(files[1].read_text())
+            info = json.loads(read(files[1]).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CrossjaxError(f"{files[1]} is not valid JSON ({e}); rebuild the index: "
                                 "FeatureIndex.build(...).save(path).") from None
         try:
-            with np.load(files[0], allow_pickle=False) as z:
+            with np.load(io.BytesIO(read(files[0])), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
             raise CrossjaxError(f"{files[0]} is damaged ({type(e).__name__}: {e}); rebuild the index: "
                                 "FeatureIndex.build(...).save(path).") from None
-        index_build.check_index(arrays, info, str(p))
+        index_build.check_index(arrays, info, where)
         return cls(arrays, info)
 
     def attach(self, export_dir: str | os.PathLike | None = None, store_url: str | None = None) -> None:
         """Use these export and store (e.g. moved copies) for queries that need them; both must be the ones the
         index was built from (same weights, same store metadata)."""
         if export_dir is not None:
-            export, _ = index_build.resolve_export(export_dir)
-            sha = index_build.file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+            export, sha = _export_and_sha256(export_dir)
             if sha != self.info["export_sha256"]:
                 raise CrossjaxError(f"the crosscoder weights in {export} differ from the ones this index was built "
                                     f"from ({self.info['export_dir']}): pass that export, or rebuild the index.")
-            self.info["export_dir"] = str(export.resolve())
+            self.info["export_dir"] = export
             self._export = None
         if store_url is not None:
             # an on-the-fly run's store is reopened with its snapshots (index_build.open_store)
@@ -189,12 +239,12 @@ class FeatureIndex:
 
     def _get_export(self):
         if self._export is None:
-            export = Path(self.info["export_dir"])
-            if not (export / crosscoder.EXPORT_WEIGHTS).is_file():
+            export = self.info["export_dir"]
+            if not paths.isfile(paths.join(export, crosscoder.EXPORT_WEIGHTS)):
                 raise CrossjaxError(f"the crosscoder export {export} is gone: call index.attach(export_dir=...) with "
                                     "its new location.")
             self.attach(export_dir=export)
-            params, scales, cfg = crosscoder.load_exported(str(export))
+            params, scales, cfg = crosscoder.load_exported(export)
             self._export = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(scales), cfg)
         return self._export
 

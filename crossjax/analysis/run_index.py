@@ -2,7 +2,7 @@
 
     index = run_index("runs/tiny", rows=131072, top_k=10)     # workdir/index, reused or built and saved there
 
-The index lives in `workdir/index`. It is reused when it was built from the run's current weights (the export's
+The index lives in `workdir/index` (a local directory, or a gs:// prefix for a workdir on Cloud Storage). It is reused when it was built from the run's current weights (the export's
 hash), keeps at least `top_k` examples per feature and scanned at least `rows` rows (or the whole store when it
 has fewer); otherwise it is built again (one streaming pass over the first `rows` rows of the run's store: its
 rows are shuffled at write time, so that is a random sample), with at least the old one's rows and examples so
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from crossjax import console
+from crossjax import console, paths
 from crossjax.errors import CrossjaxError
 
 INDEX_DIR = "index"
@@ -23,7 +23,7 @@ WINDOW = 8                 # tokens kept on each side of an example
 
 
 def index_path(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.path.abspath(os.fspath(workdir)), INDEX_DIR)
+    return paths.join(paths.absolute(os.fspath(workdir)), INDEX_DIR)
 
 
 def why_not_reused(index, *, rows: int, top_k: int) -> str | None:
@@ -43,10 +43,10 @@ def run_index(workdir: str | os.PathLike, *, export_dir: str | None = None, rows
     run's store is gone, say)."""
     from crossjax.analysis.lookup import FeatureIndex
 
-    workdir = os.path.abspath(os.fspath(workdir))
-    export_dir = export_dir or os.path.join(workdir, "export")
+    workdir = paths.absolute(os.fspath(workdir))
+    export_dir = export_dir or paths.join(workdir, "export")
     path = index_path(workdir)
-    if os.path.isdir(path):
+    if paths.isdir(path):
         try:
             index = FeatureIndex.load(path)
             index.attach(export_dir=export_dir)          # refuses an index of other weights

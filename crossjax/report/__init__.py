@@ -24,16 +24,18 @@ DIR/complexity_*.json when present (crossjax/report/analyses.py), and a FeatureI
 frequencies and contexts (crossjax/report/contexts.py: the run's one index in DIR/index, shared with
 `crossjax.analyze --complexity` and reused while it fits the same weights). Contexts are kept for the
 `context_features` most frequent features plus the separability sample; the other features' pages say so.
-Layout of the site: crossjax/report/site.py. The new report replaces the old one only once it is complete.
+Layout of the site: crossjax/report/site.py. The new report replaces the old one only once it is complete. DIR may
+be on gs:// (the report is then built in a local temporary directory and uploaded, index.html last).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import jax
 
-from crossjax import console
+from crossjax import console, paths
 from crossjax.errors import CrossjaxError
 
 REPORT_DIR = "report"
@@ -49,7 +51,7 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
     share the index's pass; process 0 writes).
     CrossjaxError when the run is unfinished or its files are damaged."""
     from crossjax.report import contexts as contexts_lib
-    from crossjax.report import analysis_plots, inputs, plots, site
+    from crossjax.report import inputs
 
     for name, value in (("context_features", context_features), ("contexts_per_snapshot", contexts_per_snapshot),
                         ("index_rows", index_rows)):
@@ -57,7 +59,7 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
             raise CrossjaxError(f"report option {name}={value!r} must be a "
                                 f"{'non-negative' if name == 'context_features' else 'positive'} integer")
     data = inputs.load(os.fspath(workdir))
-    report = os.path.join(data.workdir, REPORT_DIR)
+    report = paths.join(data.workdir, REPORT_DIR)
     collected, note = None, "frequencies and top contexts: left out (contexts=False)"
     if contexts:   # first: every process takes part in the feature index's pass over the store
         try:
@@ -70,19 +72,46 @@ def write_report(workdir: str | os.PathLike, *, contexts: bool = True, context_f
             note = f"frequencies and top contexts: left out, no feature index over the run's store ({e})"
             console.say("report", note, enabled=progress)
     if jax.process_index() != 0:                 # the report is written once, by process 0
-        return os.path.join(report, "index.html")
-    staging = report + ".partial"            # a report stopped half way: ours to clear
-    shutil.rmtree(staging, ignore_errors=True)
+        return paths.join(report, "index.html")
+    if not paths.is_gcs(report):
+        staging = report + ".partial"            # a report stopped half way: ours to clear
+        shutil.rmtree(staging, ignore_errors=True)
+        _write_site(data, collected, note, staging, progress)
+        _replace(staging, report)
+    else:                                        # built here, uploaded once complete
+        staging = tempfile.mkdtemp(prefix="crossjax-report-")
+        try:
+            _write_site(data, collected, note, staging, progress)
+            _upload(staging, report)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    index = paths.join(report, "index.html")
+    console.say("report", f"wrote {index}", enabled=progress)
+    return index
+
+
+def _write_site(data, collected, note: str, staging: str, progress: bool) -> None:
+    """The whole site in the local directory `staging` (plots/, data/, the pages)."""
+    from crossjax.report import analysis_plots, plots, site
     os.makedirs(os.path.join(staging, "plots"))
     console.say("report", f"figures for {data.num_features} features over {len(data.snapshots)} snapshots",
                 enabled=progress)
     figures = plots.write_all(data, os.path.join(staging, "plots"))
     analysis = analysis_plots.write_all(data, os.path.join(staging, "plots"))
     site.write_site(data, figures, collected, note, staging, analysis)
-    _replace(staging, report)
-    index = os.path.join(report, "index.html")
-    console.say("report", f"wrote {index}", enabled=progress)
-    return index
+
+
+def _upload(local: str, report: str) -> None:
+    """Put the finished local site `local` at the gs:// prefix `report`: every file uploaded, index.html last (a
+    reader gets the new index.html only once every page and figure it links to is there), then the objects of
+    the previous report that the new one does not have are removed."""
+    new = paths.list_files(local)
+    old = set(paths.list_files(report)) - set(new)
+    for rel in sorted(new, key=lambda name: name == "index.html"):
+        with open(os.path.join(local, *rel.split("/")), "rb") as f:
+            paths.write_bytes(paths.join(report, rel), f.read())
+    for rel in sorted(old):
+        paths.remove(paths.join(report, rel))
 
 
 def _replace(new: str, old: str) -> None:

@@ -3,7 +3,7 @@
     python -m crossjax.report --workdir=/tmp/crossjax_tiny [--context_features=200] [--contexts_per_snapshot=10]
         [--index_rows=131072] [--nocontexts] [--coordinator=HOST:PORT --num_processes=N --process_id=I]
 
-prints `report: DIR/report/index.html (file://...)`. It needs no --config: the run's settings are read from
+prints `report: DIR/report/index.html (file://...)` (for a gs:// DIR: the object's gs:// URL). It needs no --config: the run's settings are read from
 DIR/config.json and DIR/summary.json. On several hosts (jax.distributed joined from the environment or the
 coordinator flags, as for crossjax.train) the processes share the feature index's pass over the store and process 0
 writes the report. Errors (an unfinished run, a damaged file) are one line and exit code 2, as
@@ -16,7 +16,7 @@ import sys
 
 from absl import flags
 
-from crossjax import cli
+from crossjax import cli, paths
 
 FLAGS = flags.FlagValues()   # its own flags: the shared ones of crossjax/cli.py require --config
 flags.DEFINE_string("workdir", None, "the finished run's workdir (holds summary.json and export/)", flag_values=FLAGS)
@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
         from crossjax.report import write_report
         index = write_report(FLAGS.workdir, contexts=FLAGS.contexts, context_features=FLAGS.context_features,
                              contexts_per_snapshot=FLAGS.contexts_per_snapshot, index_rows=FLAGS.index_rows)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and paths.is_gcs(index):   # no file:// URL for an object in a bucket
+            print(f"report: {index}")
+        elif jax.process_index() == 0:
             print(f"report: {index} ({pathlib.Path(index).resolve().as_uri()})")
 
     cli.run("report", body)    # bad input or state: one line and exit code 2

@@ -9,7 +9,10 @@ command that writes it again, like every other missing input of the report (inpu
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
+import hashlib
+import io
 import json
 import os
 import zipfile
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossjax import crosscoder
+from crossjax import crosscoder, paths
 
 ATTRIBUTION_DIR = "attribution"
 COMPLEXITY_GLOB = "complexity_*.json"
@@ -58,8 +61,18 @@ def _rerun_task(workdir: str, task: str) -> str:
 
 def export_sha256(export_dir: str) -> str:
     """The hash of the exported weights, recorded by the analyses so that a reader can tell their run's."""
+    if paths.is_gcs(export_dir):
+        return hashlib.sha256(paths.read_bytes(paths.join(export_dir, crosscoder.EXPORT_WEIGHTS))).hexdigest()
     from crossjax.analysis.index_build import file_sha256
     return file_sha256(Path(export_dir) / crosscoder.EXPORT_WEIGHTS)
+
+
+def _found(directory: str, pattern: str) -> list[str]:
+    """The files in `directory` whose names match `pattern`, sorted (on gs://: the objects directly under it)."""
+    if not paths.is_gcs(directory):
+        return sorted(glob.glob(os.path.join(directory, pattern)))
+    return [paths.join(directory, n) for n in paths.listdir(directory)   # no objects under it: []
+            if fnmatch.fnmatchcase(n, pattern) and paths.isfile(paths.join(directory, n))]
 
 
 def _stale(result: dict, export_dir: str, memo: dict) -> bool:
@@ -75,7 +88,7 @@ def load_attribution(workdir: str, export_dir: str, snapshots: list[str], num_fe
                      has_model: bool) -> list[TaskAttribution]:
     """Every task attributed in workdir/attribution/ that fits the run (module docstring), sorted by name."""
     out, memo = [], {}
-    found = sorted(glob.glob(os.path.join(workdir, ATTRIBUTION_DIR, "*.json")))
+    found = _found(paths.join(workdir, ATTRIBUTION_DIR), "*.json")
     if not found and has_model:
         notes.append(f"task attribution: not run (python -m crossjax.analyze --workdir={workdir} "
                      "--task=kjv_agreement, or eval.attribution_task with attribution in config.evals)")
@@ -83,11 +96,10 @@ def load_attribution(workdir: str, export_dir: str, snapshots: list[str], num_fe
         task = os.path.basename(path)[:-len(".json")]
         rerun = _rerun_task(workdir, task)
         try:
-            with open(path) as f:
-                result = json.load(f)
+            result = json.loads(paths.read_bytes(path))
             names = list(result["snapshots"])
             methods = list(result["snapshots"][names[0]]["curves"])
-            with np.load(path[:-len(".json")] + ".npz", allow_pickle=False) as z:
+            with np.load(io.BytesIO(paths.read_bytes(path[:-len(".json")] + ".npz")), allow_pickle=False) as z:
                 scores = {m: np.asarray(z[m], np.float64) for m in methods}
                 saved = [str(n) for n in z["snapshots"]]
         except (OSError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as e:
@@ -113,7 +125,7 @@ def load_attribution(workdir: str, export_dir: str, snapshots: list[str], num_fe
 def load_complexity(workdir: str, export_dir: str, num_features: int, notes: list[str]) -> list[Complexity]:
     """Every complexity_<scorer>.json in workdir that fits the run, sorted by scorer."""
     out, memo = [], {}
-    found = sorted(glob.glob(os.path.join(workdir, COMPLEXITY_GLOB)))
+    found = _found(workdir, COMPLEXITY_GLOB)
     if not found:
         notes.append(f"feature complexity against emergence: not scored (python -m crossjax.analyze "
                      f"--workdir={workdir} --complexity=offline)")
@@ -121,8 +133,7 @@ def load_complexity(workdir: str, export_dir: str, num_features: int, notes: lis
         name = os.path.basename(path)[len("complexity_"):-len(".json")]
         rerun = f"python -m crossjax.analyze --workdir={workdir} --complexity={name}"
         try:
-            with open(path) as f:
-                result = json.load(f)
+            result = json.loads(paths.read_bytes(path))
             scores = {int(s["feature"]): {"complexity": s.get("complexity"), "explanation": s.get("explanation"),
                                           "error": s.get("error")} for s in result["scores"]}
             correlation = dict(result["correlation"])

@@ -15,10 +15,10 @@ activations (relu, topk) give one value per row: every snapshot shares the examp
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
+from crossjax import paths
 from crossjax.analysis.run_index import index_path, run_index
 from crossjax.errors import CrossjaxError
 
@@ -56,8 +56,6 @@ def collect(data, *, features: int, per_snapshot: int, rows: int, progress: bool
     ones and the separability sample) from the run's FeatureIndex (crossjax.analysis.run_index: workdir/index,
     reused when it fits, else built and saved there). `data` is an inputs.RunData. CrossjaxError when the index
     cannot be built (e.g. the store is gone)."""
-    from crossjax.tokens import open_tokenizer
-
     index = run_index(data.workdir, export_dir=data.export_dir, rows=rows, top_k=per_snapshot, window=WINDOW,
                       stage="report", progress=progress)
     index_dir = index_path(data.workdir)
@@ -66,13 +64,21 @@ def collect(data, *, features: int, per_snapshot: int, rows: int, progress: bool
                             f"{data.num_features}: delete {index_dir} and write the report again")
     frequency = np.asarray(index.frequency, np.float64)
     tokenizer_file = find_tokenizer(data.workdir, data.snapshots)
-    tokenizer = None if tokenizer_file is None else open_tokenizer(tokenizer_file)   # read once, not per feature
+    tokenizer = None if tokenizer_file is None else _open_tokenizer(tokenizer_file)   # read once, not per feature
     contexts = {}
     for f in chosen_features(frequency, data, features):
         examples = [_context(e, tokenizer is not None)
                     for e in index.top_examples(int(f), per_snapshot, tokenizer=tokenizer, marks=_MARKS)]
         contexts[int(f)] = Contexts(examples, _fires(data, int(f), [e.value for e in examples]))
     return Collected(frequency, index.rows_scanned, contexts, tokenizer is not None, index_dir)
+
+
+def _open_tokenizer(path: str):
+    from crossjax.tokens import open_tokenizer
+    if paths.is_gcs(path):   # model snapshots on gs://: the file's text, not a local path
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(paths.read_text(path))
+    return open_tokenizer(path)
 
 
 def chosen_features(frequency: np.ndarray, data, features: int) -> list[int]:
@@ -118,8 +124,8 @@ def find_tokenizer(workdir: str, snapshots: list[str]) -> str | None:
     template, repo = model.get("path_template") or "", model.get("repo") or ""
     for name in snapshots:
         if template:
-            path = os.path.join(template.replace("{snapshot}", name), "tokenizer.json")
-            if os.path.isfile(path):
+            path = paths.join(template.replace("{snapshot}", name), "tokenizer.json")
+            if paths.isfile(path):
                 return path
         elif repo:
             try:
@@ -128,6 +134,6 @@ def find_tokenizer(workdir: str, snapshots: list[str]) -> str | None:
                                               revision=name)
             except (OSError, ValueError):  # a cache we cannot read: token ids instead
                 path = None
-            if isinstance(path, str) and os.path.isfile(path):
+            if isinstance(path, str) and paths.isfile(path):
                 return path
     return None

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from crossjax import crosscoder
+from crossjax import crosscoder, paths
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import evolution, trajectories
 from crossjax.errors import CrossjaxError
@@ -67,7 +67,7 @@ class RunData:
 
 def load(workdir: str) -> RunData:
     """Read the run in `workdir` (module docstring)."""
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths.absolute(paths.check_supported(os.fspath(workdir), "--workdir"))
     summary = RunSummary.read(workdir)
     export_dir = _export_dir(workdir, summary)
     params, _, cfg = crosscoder.load_exported(export_dir)
@@ -104,10 +104,10 @@ def _has_model(workdir: str) -> bool:
 
 def _export_dir(workdir: str, summary: RunSummary) -> str:
     """The workdir's export/ (it moves with the workdir), else the directory summary.json recorded."""
-    local = os.path.join(workdir, "export")
-    if os.path.isfile(os.path.join(local, crosscoder.EXPORT_WEIGHTS)):
+    local = paths.join(workdir, "export")
+    if paths.isfile(paths.join(local, crosscoder.EXPORT_WEIGHTS)):
         return local
-    if summary.export and os.path.isfile(os.path.join(summary.export, crosscoder.EXPORT_WEIGHTS)):
+    if summary.export and paths.isfile(paths.join(summary.export, crosscoder.EXPORT_WEIGHTS)):
         return summary.export
     raise CrossjaxError(f"no exported crosscoder in {local} (nor at {summary.export}, where summary.json says it "
                         "was written): rerun the training command with the same --config and --workdir (a finished "
@@ -134,14 +134,13 @@ def _cluster_labels(workdir: str, summary: RunSummary, norms: np.ndarray, notes:
 
 
 def _compare(workdir: str, summary: RunSummary, notes: list[str]) -> dict | None:
-    path = os.path.join(workdir, COMPARE_FILE)
+    path = paths.join(workdir, COMPARE_FILE)
     rerun = "run python -m crossjax.compare with the run's --config and --workdir"
-    if not os.path.exists(path):
+    if not paths.exists(path):
         notes.append(f"crosscoder against per-snapshot SAEs: no {COMPARE_FILE} ({rerun} to add it)")
         return None
     try:
-        with open(path) as f:
-            result = json.load(f)
+        result = json.loads(paths.read_bytes(path))
         cc, sae, names = result["crosscoder"], result["sae"], result["snapshots"]
         if not all(len(side[key]) == len(names) for side in (cc, sae) for key in ("ev", "l0")):
             raise ValueError("ev/l0 lists do not match its snapshots")

@@ -54,3 +54,24 @@ def gcs_emulator(tmp_path_factory):
 def gcs_url(gcs_emulator, request):
     """A fresh gs:// prefix for one test."""
     return f"gs://{BUCKET}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def gcs_store(gcs_emulator):
+    """The tiny planted store, written to the bucket once for the session (the gs:// runs read it)."""
+    from _trainer_util import tiny_config
+    from crossjax import planted
+    url = f"gs://{BUCKET}/run-store"
+    planted.ensure_planted(tiny_config(url).planted, url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def gcs_finished_run(gcs_store):
+    """A finished planted run whose workdir is on gs:// (16 steps, no checkpoints), for the readers of a finished
+    run (the report, the feature index). Tests that change it work on their own copy."""
+    from _trainer_util import tiny_config
+    from crossjax import pipeline
+    workdir = f"gs://{BUCKET}/finished-run"
+    pipeline.run(tiny_config(gcs_store, **{"train.steps": 16, "train.checkpoint_every": 0}), workdir)
+    return workdir
