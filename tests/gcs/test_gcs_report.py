@@ -15,7 +15,7 @@ import pytest
 from _gcs_util import objects_under
 from _procs import child_env
 from _trainer_util import ROOT
-from crossjax import crosscoder, paths
+from crossjax import paths
 from crossjax.analysis import lookup
 from crossjax.errors import CrossjaxError
 from crossjax.report import write_report
