@@ -22,7 +22,7 @@ It prints the suite's progress, the activation plan, progress bars with tokens/s
     emergent features by the snapshot where their decoder norm first reaches 0.5 of its peak: step4: 2, ...
     summary: /tmp/crossjax_tiny/summary.json  metrics: ...  tensorboard: ...  weights: /tmp/crossjax_tiny/export
 
-The first run took 11 minutes on this project's 2-core development machine, install included (suite about 8
+The first run took 14 minutes on this project's 2-core development machine, install included (suite about 9
 minutes); later runs reuse the suite. Variant `micro` (`experiments/tiny.py:micro`) is the same pipeline at toy
 sizes (a suite that builds in seconds, 4 snapshots, 4096 tokens): the end-to-end test in tests/suite/test_suite.py runs it.
 
