@@ -22,30 +22,22 @@ features of one row; the feature table (crossjax/analysis/feature_table.py) and 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
-import zipfile
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from crossjax import crosscoder, paths
-from crossjax.analysis import activation_histograms, evolution, index_build, index_pass
+from crossjax.analysis import activation_histograms, evolution, index_build, index_files, index_pass
+from crossjax.analysis.index_files import INDEX_ARRAYS, INDEX_META, is_url, path_arg
 from crossjax.analysis.index_results import Example, FeatureReport, Histogram
 from crossjax.errors import CrossjaxError
-from crossjax.files import atomic_write, atomic_write_text
 from crossjax.snapshot_names import index_of
 from crossjax.store import ActivationStore
 from crossjax.tokens import open_tokenizer
 
-INDEX_ARRAYS = "feature_index.npz"
-INDEX_META = "feature_index.json"
 _NO_TOKEN = -1  # window slot whose (context, position) holds no stored row (BOS, padding, special tokens)
 __all__ = ["Example", "FeatureIndex", "FeatureReport", "Histogram", "INDEX_ARRAYS", "INDEX_META"]
 
@@ -54,22 +46,9 @@ __all__ = ["Example", "FeatureIndex", "FeatureReport", "Histogram", "INDEX_ARRAY
 # The index
 
 
-def _path_arg(where: str, path, *, url: bool = False):
-    """A path argument (a string or os.PathLike; with `url`, the string itself: store URLs are not paths)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise CrossjaxError(f"{where}: {path!r} is not a path; pass a directory{' or URL' if url else ''} as a "
-                            "string.")
-    return os.fspath(path) if url else Path(path)
-
-
-def _is_url(path) -> bool:
-    """A gs:// location (read and written through crossjax.paths; pathlib would turn gs://b/x into gs:/b/x)."""
-    return isinstance(path, (str, os.PathLike)) and paths.is_gcs(path)
-
-
 def _export_and_sha256(export_dir) -> tuple[str, str]:
     """(the export directory, resolved, or a gs:// prefix; the hash of its weights) of an export or a workdir."""
-    if not _is_url(export_dir):
+    if not is_url(export_dir):
         export, _ = index_build.resolve_export(export_dir)
         return str(export.resolve()), index_build.file_sha256(export / crosscoder.EXPORT_WEIGHTS)
     where = paths.absolute(export_dir)
@@ -134,7 +113,7 @@ class FeatureIndex:
         """
         settings = dict(max_rows=max_rows, top_k=top_k, batch_rows=batch_rows, window=window,
                         emergence_threshold=emergence_threshold, histogram_bins=histogram_bins, progress=progress)
-        if _is_url(export_dir_or_workdir):    # a run on gs://: its export staged locally for the pass
+        if is_url(export_dir_or_workdir):    # a run on gs://: its export staged locally for the pass
             from crossjax.analysis import remote_run
             with remote_run.staged(os.fspath(export_dir_or_workdir)) as local:
                 scan = index_build.scan(local, store_url, **settings)
@@ -152,63 +131,15 @@ class FeatureIndex:
         """Write ``path/feature_index.npz`` (arrays) and ``path/feature_index.json`` (settings); returns path
         (a directory, or a gs:// prefix). Under jax.distributed only process 0 writes (every process holds the
         same index)."""
-        if _is_url(path):
-            return self._save_gcs(os.fspath(path))
-        p = _path_arg("FeatureIndex.save", path)
-        if jax.process_index() != 0:
-            return str(p)
-        if p.exists() and not p.is_dir():
-            raise CrossjaxError(f"{p} is a file: FeatureIndex.save writes a directory; choose another path.")
-        p.mkdir(parents=True, exist_ok=True)
-        atomic_write(p / INDEX_ARRAYS, self._write_arrays)
-        atomic_write_text(p / INDEX_META, json.dumps(self.info, indent=1) + "\n")
-        return str(p)
-
-    def _write_arrays(self, tmp: str) -> None:
         arrays = dict(self._a, window_keys=self._wkeys, window_tokens=self._wtokens)  # incl. widened windows
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-            np.savez(f, **arrays)
-
-    def _save_gcs(self, url: str) -> str:
-        """save() to gs://: two whole-object uploads, arrays first (a reader sees the settings only with them)."""
-        url = paths.absolute(url)
-        if jax.process_index() != 0:
-            return url
-        if paths.isfile(url):
-            raise CrossjaxError(f"{url} is an object: FeatureIndex.save writes a prefix of two objects; choose "
-                                "another path.")
-        paths.write_via_local_file(paths.join(url, INDEX_ARRAYS), self._write_arrays)
-        paths.write_text(paths.join(url, INDEX_META), json.dumps(self.info, indent=1) + "\n")
-        return url
+        return index_files.write_index(arrays, self.info, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureIndex:
         """An index written by :meth:`save` (a directory or a gs:// prefix). The export and store it was built
         from are opened only when needed (:meth:`features_for_row`, wider windows); :meth:`attach` points it at
         moved copies."""
-        if _is_url(path):
-            where = paths.absolute(path)
-            files = [paths.join(where, INDEX_ARRAYS), paths.join(where, INDEX_META)]
-            isfile, read = paths.isfile, paths.read_bytes
-        else:
-            p = _path_arg("FeatureIndex.load", path)
-            where, files = str(p), [p / INDEX_ARRAYS, p / INDEX_META]
-            isfile, read = (lambda f: f.is_file()), (lambda f: f.read_bytes())
-        missing = [str(f) for f in files if not isfile(f)]
-        if missing:
-            raise CrossjaxError(f"{missing} not found: {where} is not a saved FeatureIndex (write one with "
-                                "FeatureIndex.build(...).save(path)).")
-        try:
-            info = json.loads(read(files[1]).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CrossjaxError(f"{files[1]} is not valid JSON ({e}); rebuild the index: "
-                                "FeatureIndex.build(...).save(path).") from None
-        try:
-            with np.load(io.BytesIO(read(files[0])), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-            raise CrossjaxError(f"{files[0]} is damaged ({type(e).__name__}: {e}); rebuild the index: "
-                                "FeatureIndex.build(...).save(path).") from None
+        arrays, info, where = index_files.read_index(path)
         index_build.check_index(arrays, info, where)
         return cls(arrays, info)
 
@@ -224,7 +155,7 @@ class FeatureIndex:
             self._export = None
         if store_url is not None:
             # an on-the-fly run's store is reopened with its snapshots (index_build.open_store)
-            store = index_build.open_store(_path_arg("attach", store_url, url=True),
+            store = index_build.open_store(path_arg("attach", store_url, url=True),
                                            index_build.TrainedOn("", None, self.info.get("workdir") or ""))
             if hashlib.sha256(store.meta.to_json()).hexdigest() != self.info["store_meta_sha256"]:
                 raise CrossjaxError(f"the store {store.url} is not the one this index was built from "
