@@ -1,7 +1,9 @@
 """Environments for the child processes tests start: the CPU backend with an explicit device count, whatever
 XLA_FLAGS the user's shell has (a GPU user's flags, or an empty value, must not change a child's devices)."""
+import contextlib
 import os
 import re
+import signal
 
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
@@ -46,3 +48,21 @@ def run_together(commands: list[list[str]], log_dir, name: str, *, env: dict, cw
         for f in logs:
             f.close()
     assert codes == [0] * len(commands), "\n".join(open(p).read()[-3000:] for p in paths)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """`proc` inside the block; on leaving it, killed and waited for if it still runs, so that a failed assertion
+    leaves no process behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def sigkill(proc) -> None:
+    """SIGKILL `proc` (a writer killed from outside, mid-work) and wait until it has ended."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from _procs import child_env
+from _procs import child_env, reaped, sigkill
 from crossjax import configs
 from crossjax import store as store_lib
 from _files import tree_bytes
@@ -140,15 +140,10 @@ def test_sigkill_from_outside_mid_run_then_resume(tmp_path, reference):
     env = child_env(1, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
     proc = subprocess.Popen([sys.executable, WRITER, path, "0", "1", "--sleep", "0.02"], stdout=subprocess.PIPE,
                             text=True, env=env)
-    try:
+    with reaped(proc):
         for _ in range(7):
             assert proc.stdout.readline().startswith("unit ")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not ActivationStore.open(path).is_complete()
     run_writer(path, 0, 1)

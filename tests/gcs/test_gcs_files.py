@@ -3,7 +3,6 @@ checked with another client; a local-only operation on a URL is an error, never 
 a writer SIGKILLed in the middle of an upload leaves the old object or the new one, never a part."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from _gcs_util import objects_under
+from _procs import reaped, sigkill
 from _trainer_util import experiment
 from crossjax import paths, workdir as workdir_lib
 from crossjax.errors import CrossjaxError
@@ -130,14 +130,9 @@ def test_sigkill_mid_upload_leaves_a_whole_object(gcs_emulator, gcs_url):
     url = gcs_url + "/summary.json"
     env = {**os.environ, **gcs_emulator["env"]}
     proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, url], stdout=subprocess.PIPE, text=True, env=env)
-    try:
+    with reaped(proc):
         assert proc.stdout.readline().strip() == "1"  # one whole object is there; the next upload is under way
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     data = paths.read_bytes(url)
     assert len(data) == 8 << 20 and len(set(data)) == 1
 

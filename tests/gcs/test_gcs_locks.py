@@ -3,7 +3,6 @@ naming the first; the lease of a SIGKILLed holder on this host is taken over at 
 it is stale; a holder renews its lease; overlapping store writers are refused."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from _gcs_util import wait_for
-from _procs import child_env
+from _procs import child_env, reaped, sigkill
 from crossjax import gcs_lease, locks, paths
 
 HOLDER = ("import sys, time\nfrom crossjax import locks\n"
@@ -30,17 +29,12 @@ def _plant(url, host, age_s, **extra):
 def test_second_run_refused_then_sigkilled_holder_taken_over(gcs_emulator, gcs_url, capfd):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, gcs_url], stdout=subprocess.PIPE, text=True,
                             env=child_env(1, **gcs_emulator["env"]))
-    try:
+    with reaped(proc):
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(locks.LockHeldError, match=rf"in use by another run: pid {proc.pid} on host"):
             with locks.hold_workdir(gcs_url):
                 pass
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert paths.isfile(gcs_url + "/.lock")  # the killed holder could not remove it
     with locks.hold_workdir(gcs_url):
         assert json.loads(paths.read_bytes(gcs_url + "/.lock"))["pid"] == os.getpid()

@@ -3,7 +3,6 @@ summary are all objects in the bucket (nothing local, no directory named "gs:");
 and run again with the same command, it ends with the weights of an uninterrupted run on a local workdir."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from _gcs_util import objects_under, wait_for
-from _procs import child_env
+from _procs import child_env, reaped, sigkill
 from _trainer_util import ROOT, exported, tiny_config
 from crossjax import crosscoder, paths, pipeline
 from crossjax.pipeline import Stopped
@@ -78,17 +77,12 @@ def test_sigkill_mid_run_on_gcs_then_same_command_resumes(gcs_emulator, gcs_stor
     log = str(tmp_path / "killed.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(_cli(gcs_store, workdir), cwd=ROOT, env=env, stdout=out, stderr=out)
-        try:
+        with reaped(proc):
             ckpts = workdir + "/checkpoints"
             # a committed checkpoint (orbax writes a step's objects in place on gs://, commit_success.txt last)
             wait_for(lambda: paths.isfile(ckpts + "/8/commit_success.txt"), 240, "a first checkpoint", proc, log)
             assert proc.poll() is None, open(log).read()[-3000:]
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            sigkill(proc)
     assert not paths.isfile(workdir + "/summary.json")
     r = subprocess.run(_cli(gcs_store, workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

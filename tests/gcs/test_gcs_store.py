@@ -10,7 +10,7 @@ import pytest
 
 from _files import tree_bytes
 from _gcs_util import objects_under
-from _procs import child_env
+from _procs import child_env, reaped, sigkill
 from crossjax import paths
 from crossjax.store import ActivationStore, DamagedStoreError, IncompleteStoreError
 
@@ -61,15 +61,10 @@ def test_sigkill_inside_a_unit_on_gcs_then_resume_gives_the_same_bytes(gcs_emula
 def test_sigkill_from_outside_mid_run_on_gcs_then_resume(gcs_emulator, gcs_url, local_reference):
     proc = subprocess.Popen([sys.executable, WRITER, gcs_url, "0", "1", "--sleep", "0.02"], stdout=subprocess.PIPE,
                             text=True, env=_env(gcs_emulator))
-    try:
+    with reaped(proc):
         for _ in range(7):
             assert proc.stdout.readline().startswith("unit ")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not ActivationStore.open(gcs_url).is_complete()
     run_writer(gcs_emulator, gcs_url, 0, 1)
