@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import console, crosscoder
+from crossjax import console, crosscoder, paths
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import activation_histograms, evolution, exact_sum, index_merge, index_pass
 from crossjax.errors import CrossjaxError
@@ -200,7 +200,10 @@ def _stored(store: ActivationStore, blocks: range) -> bool:
     return True
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a local file (read in chunks) or of a gs:// object."""
+    if paths.is_gcs(path):
+        return hashlib.sha256(paths.read_bytes(os.fspath(path))).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):

@@ -58,7 +58,7 @@ def _export_and_sha256(export_dir) -> tuple[str, str]:
     if not paths.isfile(weights):
         raise CrossjaxError(f"{where} is neither a crosscoder export ({crosscoder.EXPORT_WEIGHTS}) nor a workdir "
                             "with export/: finish training first (python -m crossjax.train) or point at the export.")
-    return where, hashlib.sha256(paths.read_bytes(weights)).hexdigest()
+    return where, index_build.file_sha256(weights)
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:

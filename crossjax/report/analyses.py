@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import glob
-import hashlib
 import io
 import json
 import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
@@ -61,10 +59,8 @@ def _rerun_task(workdir: str, task: str) -> str:
 
 def export_sha256(export_dir: str) -> str:
     """The hash of the exported weights, recorded by the analyses so that a reader can tell their run's."""
-    if paths.is_gcs(export_dir):
-        return hashlib.sha256(paths.read_bytes(paths.join(export_dir, crosscoder.EXPORT_WEIGHTS))).hexdigest()
     from crossjax.analysis.index_build import file_sha256
-    return file_sha256(Path(export_dir) / crosscoder.EXPORT_WEIGHTS)
+    return file_sha256(paths.join(export_dir, crosscoder.EXPORT_WEIGHTS))
 
 
 def _found(directory: str, pattern: str) -> list[str]:
