@@ -2,14 +2,13 @@
 coordinator flags, a Cloud TPU VM, a SLURM step of several tasks, or nothing on one host; and a real join of two
 processes from SLURM's environment variables on loopback (jax's own SLURM detection, gloo)."""
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from _procs import child_env
+from _procs import child_env, free_port
 from crossjax import cli
 from crossjax.errors import CrossjaxError
 
@@ -76,9 +75,7 @@ jax.distributed.shutdown()
 
 
 def test_two_processes_join_from_the_slurm_environment():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=child_env(None, **{**SLURM_TASK, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},

@@ -2,9 +2,10 @@
 429 with Retry-After, malformed and out-of-range answers, the answer cache, and that nothing is sent without
 allow_network."""
 import json
-import socket
 
 import pytest
+
+from _procs import free_port
 
 from _fake_api import GOOD, error, feature, reply, slow
 from crossjax.complexity import prompts
@@ -181,9 +182,7 @@ def test_unknown_model_names_model_and_url(fake_api, fake_key, tmp_path):
 
 def test_unreachable_host_stops_after_failures_in_a_row_and_keeps_answers(fake_api, fake_key, tmp_path):
     scorer(fake_api, tmp_path).score([CAT])  # cached
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # nothing listens here once closed
+    dead = free_port()  # nothing listens here once closed
     url = f"http://127.0.0.1:{dead}" + ("/v1" if fake_api.dialect == "openai" else "")
     dogs = [feature(10 + i, [f"dog number {i}"]) for i in range(3)]
     with pytest.raises(CrossjaxError, match=r"2 features in a row got no answer from 127.0.0.1.*cannot reach"):

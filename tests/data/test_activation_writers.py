@@ -3,7 +3,6 @@ before writing, naming it (also as a command); the processes of one run write si
 killed writer is removed with a message and its units are written again, to the bytes of an uninterrupted run."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import _activations_fixtures as fx
-from _procs import child_env
+from _procs import child_env, free_port
 from crossjax import activations, locks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,9 +86,7 @@ def test_two_processes_joined_by_jax_distributed_write_the_store_of_one(root, re
     """`python -m crossjax.activations` in two processes of 4 devices each, joined on loopback (gloo): each writes
     its own groups, and the store has the bytes of one process's."""
     store = tmp_path / "store"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "crossjax.activations",
            f"--config={REPO / 'tests' / '_activations_config.py'}:{root}:{store}", f"--workdir={tmp_path}",
            f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
