@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from _procs import free_port
-
 from _fake_api import GOOD, error, feature, reply, slow
+from _procs import free_port
 from crossjax.complexity import prompts
 from crossjax.complexity.llm import LLMScorer
 from crossjax.complexity.transport import RetryPolicy, retry_after_seconds
