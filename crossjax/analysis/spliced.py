@@ -1,4 +1,4 @@
-"""Spliced-in loss: the LM's next-token loss when the hook's residual is replaced by the crosscoder's reconstruction.
+"""Spliced-in loss: the LM's next-token loss when the hook's activation is replaced by the crosscoder's reconstruction.
 
     from crossjax.crosscoder import load_exported
     out = spliced_loss(["snap/step1000", "snap/step143000"], load_exported("runs/x/export"),
@@ -7,17 +7,19 @@
 
 Per snapshot s, over the same contexts:
 - clean_loss: the model's own loss;
-- spliced_loss: the residual at the hook replaced, at every valid position, by the crosscoder's reconstruction
-  xhat[:, s] / scale[s] (the crosscoder sees x * scale, as in training), the rest of the model run from the hook;
-- zero_ablated_loss: the residual at the valid positions set to 0 instead;
+- spliced_loss: the activation at the hook replaced, at every valid position, by the crosscoder's reconstruction
+  xhat[:, s] / scale[s] (the crosscoder sees x * scale, as in training), the rest of the model run on it;
+- zero_ablated_loss: the activation at the valid positions set to 0 instead;
 - loss_recovered = (zero_ablated - spliced) / (zero_ablated - clean) (1 = the reconstruction loses nothing);
 - delta_loss = spliced - clean; pairs = the number of next-token predictions averaged over.
 Positions that are not valid (BOS, padding, special tokens: the ones the store does not hold) keep their clean
-residual, as the crosscoder never saw them. The loss is crossjax.models.lm_loss: the mean over next-token pairs
+activation, as the crosscoder never saw them. The loss is crossjax.models.lm_loss: the mean over next-token pairs
 (t, t+1) that lie inside the attention mask; the mask defaults to each context's prefix up to its last valid
 position (right padding).
+Any hook kind works: at a residual hook the whole stream is replaced; at an attention or MLP output only that
+sublayer's output is, and the residual that bypasses it is the model's own.
 
-The encoder sums over snapshots, so every snapshot's residual is needed before any can be reconstructed. Hence
+The encoder sums over snapshots, so every snapshot's activation is needed before any can be reconstructed. Hence
 two passes, one model in memory at a time: (1) run each snapshot to the hook and keep its valid positions on the
 host, x [N, S, D] float32 (N = valid positions; this is the memory bound, as large as N rows of the activation
 store in float32); (2) reconstruct all rows; (3) for each snapshot, rerun to the hook and finish the clean,
@@ -49,7 +51,7 @@ Reconstruct = Callable[[np.ndarray], Any]  # x [n,S,D] normalised -> xhat [n,S,D
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Jitted pieces (the residual at the hook comes from models.Runner); the graphdef is static so snapshots of
+# Jitted pieces (the activation at the hook comes from models.Runner); the graphdef is static so snapshots of
 # one architecture share one compilation
 
 
@@ -57,11 +59,11 @@ Reconstruct = Callable[[np.ndarray], Any]  # x [n,S,D] normalised -> xhat [n,S,D
 def _losses(graphdef, state, input_ids, mask, valid, xhat, *, hook):
     """(clean, spliced, zero-ablated) mean next-token losses of one batch; xhat [B,T,D] is used where valid."""
     model = nnx.merge(graphdef, state)
-    resid = model.run_hooks(input_ids, [hook], mask)[hook]
+    act = model.run_hooks(input_ids, [hook], mask)[hook]
     v = valid[..., None]
-    clean = lm_loss(model(input_ids, mask), input_ids, mask)  # the plain forward, not forward_from
-    spliced = lm_loss(model.forward_from(hook, jnp.where(v, xhat, resid), mask), input_ids, mask)
-    zero = lm_loss(model.forward_from(hook, jnp.where(v, 0.0, resid), mask), input_ids, mask)
+    clean = lm_loss(model(input_ids, mask), input_ids, mask)  # the plain forward, not forward_replacing
+    spliced = lm_loss(model.forward_replacing(input_ids, hook, jnp.where(v, xhat, act), mask), input_ids, mask)
+    zero = lm_loss(model.forward_replacing(input_ids, hook, jnp.where(v, 0.0, act), mask), input_ids, mask)
     return clean, spliced, zero
 
 
@@ -173,7 +175,7 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
     snapshots: the crosscoder's S snapshots in its order: LoadedSnapshots or directories (or a mapping name -> one).
     crosscoder: an export directory or (params, scales [S], CrosscoderConfig) as from crosscoder.load_exported;
       None when `reconstruct` is given.
-    hook: a residual hook (blocks.{i}.hook_resid_post or blocks.{i}.hook_resid_pre).
+    hook: the crosscoder's hook (blocks.{i}.hook_resid_post, hook_resid_pre, hook_attn_out or hook_mlp_out).
     contexts: tokens.Contexts or (input_ids [C,T], valid [C,T] bool); valid positions are spliced.
     reconstruct: replaces the crosscoder's forward: x * scales [n,S,D] -> reconstruction in the same space.
     scales: [S] normalisation scales, overriding the crosscoder's (default: ones without a crosscoder).
@@ -196,10 +198,7 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
     def checked(name, snap) -> LoadedSnapshot:
         loaded = _load(snap)
         cfg = loaded.config
-        _, kind = parse_hook(cfg, hook)
-        if kind not in ("hook_resid_pre", "hook_resid_post"):
-            raise CrossjaxError(f"hook {hook!r} is not a residual hook: the spliced-in loss replaces the residual "
-                                "stream, so use blocks.{i}.hook_resid_post or blocks.{i}.hook_resid_pre.")
+        parse_hook(cfg, hook)
         if d_model is not None and cfg.hidden_size != d_model:
             raise CrossjaxError(f"snapshot {name!r} has hidden size {cfg.hidden_size} but the crosscoder's d_model is "
                                 f"{d_model}: pass the snapshots the crosscoder was trained on.")
@@ -208,7 +207,7 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
                                 f"vocab_size {cfg.vocab_size}: tokenize with the snapshots' tokenizer.")
         return loaded
 
-    # pass 1: every snapshot's residual at the valid positions, x [N,S,D]
+    # pass 1: every snapshot's activation at the valid positions, x [N,S,D]
     x = None
     for s, (name, snap) in enumerate(items):
         loaded = checked(name, snap)

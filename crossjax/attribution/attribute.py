@@ -34,7 +34,7 @@ METHODS = ("attribution", "clean_minus_corrupted", "integrated_gradients")
 class Attribution:
     """The attributions of one snapshot. F features, T positions (from the start of the prompts)."""
     metric_clean: float                    # the model's own mean metric (plain forward) on the clean prompts
-    metric_corrupted: float                # ... and on the corrupted prompts
+    metric_corrupted: float                # ... on the corrupted prompts (patched in at the hook: splice.py)
     metric_spliced: float                  # with the crosscoder spliced in (= metric_clean: the splice is exact)
     scores: dict[str, np.ndarray]          # method -> [F], summed over positions
     per_position: dict[str, np.ndarray]    # method -> [T,F]

@@ -8,17 +8,21 @@ differentiates.
     m, per_pair = sp.metric(sp.f_clean)                           # = the model's own metric (checked)
 
 The crosscoder encodes from all S snapshots at once (h = sum_s x_s W_enc[s] + b_enc), so every snapshot's
-residual at the hook is collected first, for the clean and the corrupted prompts (`collect_residuals`, one model
+activation at the hook is collected first, for the clean and the corrupted prompts (`collect_residuals`, one model
 in memory at a time; [S,P,T,D] float32 each). For snapshot s, the features are f_s = the activation of h at s
-([P,T,F]; JumpReLU gates each snapshot with its own decoder norm), and the residual at every valid position is
-replaced by
+([P,T,F]; JumpReLU gates each snapshot with its own decoder norm), and the activation at the hook is replaced at
+every valid position by
 
-    resid'(f) = (f @ W_dec[s] + b_dec[s]) / scale[s] + stop_gradient(err),   err = resid - xhat(f_clean)
+    act'(f) = (f @ W_dec[s] + b_dec[s]) / scale[s] + stop_gradient(err),   err = act - xhat(f_clean)
 
-so resid'(f_clean) = resid: the output is unchanged (Splice checks it against the plain forward) and changing f
+so act'(f_clean) = act: the output is unchanged (Splice checks it against the plain forward) and changing f
 changes the output only through the reconstruction. Positions that are not valid (BOS, special tokens) keep
-`base`, their own residual. The metric of pair p is logit(right_p) - logit(wrong_p) at its last real token;
-`metric` returns the mean over pairs and the per-pair values.
+`base`, their own activation. The model always runs on the clean prompts: at a residual hook the replaced stream
+is all that comes after sees, so the corrupted activation patched in gives the corrupted run itself; at an
+attention or MLP output the residual that bypasses the hook stays the clean prompts', and "corrupted" means the
+clean run with the corrupted prompts' activation patched in at the hook (the metric_corrupted it reports). The
+metric of pair p is logit(right_p) - logit(wrong_p) at its last real token; `metric` returns the mean over pairs
+and the per-pair values.
 """
 from __future__ import annotations
 
@@ -59,22 +63,30 @@ def _plain_metric(graphdef, state, ids, mask, last, right, wrong):
     return _readout(nnx.merge(graphdef, state)(ids, mask), last, right, wrong)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _patched_metric(graphdef, state, ids, act, mask, last, right, wrong, *, hook):
+    """The metric of ids [P,T] with the activation at the hook replaced by act [P,T,D]."""
+    return _readout(nnx.merge(graphdef, state).forward_replacing(ids, hook, act, mask), last, right, wrong)
+
+
 def _reconstruct(f, w_dec, b_dec, inv_scale):
     """f [P,T,F] -> xhat [P,T,D] at the model's scale (the decoder of one snapshot, then 1 / its scale)."""
     return (jnp.einsum("ptf,fd->ptd", f, w_dec, precision=jax.lax.Precision.HIGHEST) + b_dec) * inv_scale
 
 
-def _spliced_logits(graphdef, state, f, err, base, w_dec, b_dec, inv_scale, valid, mask, hook):
-    """[P,T,V] logits with resid' = xhat(f) + err at valid positions and base elsewhere. err is an input of its own,
-    a constant for d/df (what stop_gradient(resid - xhat(f_clean)) is), and differentiable for the error node."""
+def _spliced_logits(graphdef, state, f, err, base, ids, w_dec, b_dec, inv_scale, valid, mask, hook):
+    """[P,T,V] logits of ids [P,T] with act' = xhat(f) + err at valid positions and base elsewhere. err is an input
+    of its own, a constant for d/df (what stop_gradient(act - xhat(f_clean)) is), and differentiable for the error
+    node."""
     xhat = _reconstruct(f, w_dec, b_dec, inv_scale)
-    resid = jnp.where(valid[..., None], xhat + err, base)
-    return nnx.merge(graphdef, state).forward_from(hook, resid, mask)
+    act = jnp.where(valid[..., None], xhat + err, base)
+    return nnx.merge(graphdef, state).forward_replacing(ids, hook, act, mask)
 
 
-def _spliced_metric(f, err, base, graphdef, state, w_dec, b_dec, inv_scale, valid, mask, last, right, wrong, hook):
-    per_pair = _readout(_spliced_logits(graphdef, state, f, err, base, w_dec, b_dec, inv_scale, valid, mask, hook),
-                        last, right, wrong)
+def _spliced_metric(f, err, base, graphdef, state, ids, w_dec, b_dec, inv_scale, valid, mask, last, right, wrong,
+                    hook):
+    per_pair = _readout(_spliced_logits(graphdef, state, f, err, base, ids, w_dec, b_dec, inv_scale, valid, mask,
+                                        hook), last, right, wrong)
     return per_pair.mean(), per_pair
 
 
@@ -142,8 +154,8 @@ class Crosscoder:
 @dataclasses.dataclass(frozen=True)
 class Residuals:
     names: tuple[str, ...]
-    clean: np.ndarray        # [S,P,T,D] float32
-    corrupted: np.ndarray    # [S,P,T,D] float32
+    clean: np.ndarray        # [S,P,T,D] float32: the activation at the hook on the clean prompts
+    corrupted: np.ndarray    # [S,P,T,D] float32: ... on the corrupted prompts
 
 
 def snapshot_items(snapshots: Sequence | Mapping) -> list[tuple[str, LoadedSnapshot | str]]:
@@ -168,9 +180,7 @@ def load(name: str, snapshot: LoadedSnapshot | str, hook: str, task, d_model: in
     """The snapshot loaded and checked against the hook, the task's token ids and the crosscoder's d_model."""
     loaded = snapshot if isinstance(snapshot, LoadedSnapshot) else load_snapshot(snapshot)
     cfg = loaded.config
-    if parse_hook(cfg, hook)[1] not in ("hook_resid_pre", "hook_resid_post"):
-        raise CrossjaxError(f"hook {hook!r} is not a residual hook: the splice replaces the residual stream, so the "
-                            "crosscoder must read blocks.{i}.hook_resid_post or hook_resid_pre.")
+    parse_hook(cfg, hook)
     if cfg.hidden_size != d_model:
         raise CrossjaxError(f"snapshot {name!r} has hidden size {cfg.hidden_size} but the crosscoder's d_model is "
                             f"{d_model}: pass the snapshots the crosscoder was trained on.")
@@ -185,7 +195,7 @@ def load(name: str, snapshot: LoadedSnapshot | str, hook: str, task, d_model: in
 
 
 def collect_residuals(items: list[tuple[str, LoadedSnapshot | str]], hook: str, task, d_model: int) -> Residuals:
-    """Every snapshot's residual at the hook for the clean and the corrupted prompts (one model loaded at a time)."""
+    """Every snapshot's activation at the hook for the clean and the corrupted prompts (one model loaded at a time)."""
     clean, corrupted = [], []
     for name, snap in items:
         runner = Runner(load(name, snap, hook, task, d_model).model)
@@ -209,7 +219,7 @@ class Splice:
         p = crosscoder.params
         self._w_dec, self._b_dec = p["W_dec"][s], p["b_dec"][s]
         self._inv_scale = jnp.float32(1.0 / float(crosscoder.scales[s]))
-        self._valid, self._mask = jnp.asarray(task.valid), jnp.asarray(task.mask)
+        self._valid, self._mask, self._ids = jnp.asarray(task.valid), jnp.asarray(task.mask), jnp.asarray(task.clean)
         self._readout = tuple(jnp.asarray(a) for a in (task.last, task.right, task.wrong))
         self.f_clean = crosscoder.features(h_clean, s, task.valid)
         self.f_corrupted = crosscoder.features(h_corrupted, s, task.valid)
@@ -218,8 +228,9 @@ class Splice:
         self.err_corrupted = self.base_corrupted - self.reconstruction(self.f_corrupted)
         self.plain_clean = np.asarray(_plain_metric(self._graphdef, self._state, task.clean, task.mask,
                                                     *self._readout))
-        self.plain_corrupted = np.asarray(_plain_metric(self._graphdef, self._state, task.corrupted, task.mask,
-                                                        *self._readout))
+        # the clean prompts with the corrupted activation at the hook: the corrupted run itself at a residual hook
+        self.plain_corrupted = np.asarray(_patched_metric(self._graphdef, self._state, self._ids, self.base_corrupted,
+                                                          self._mask, *self._readout, hook=hook))
         self._check_unchanged()
 
     @property
@@ -231,7 +242,8 @@ class Splice:
         return _reconstruct(f, self._w_dec, self._b_dec, self._inv_scale)
 
     def _args(self):
-        return (self._graphdef, self._state, self._w_dec, self._b_dec, self._inv_scale, self._valid, self._mask)
+        return (self._graphdef, self._state, self._ids, self._w_dec, self._b_dec, self._inv_scale, self._valid,
+                self._mask)
 
     def metric(self, f: jax.Array, err: jax.Array | None = None, base: jax.Array | None = None
                ) -> tuple[float, np.ndarray]:
@@ -245,8 +257,8 @@ class Splice:
         """[P,T,V] logits of the spliced model (clean err and base by default)."""
         err = self.err_clean if err is None else err
         base = self.base_clean if base is None else base
-        g, st, w, b, inv, valid, mask = self._args()
-        return _logits_jit(g, st, f, err, base, w, b, inv, valid, mask, hook=self.hook)
+        g, st, ids, w, b, inv, valid, mask = self._args()
+        return _logits_jit(g, st, f, err, base, ids, w, b, inv, valid, mask, hook=self.hook)
 
     def grads(self, f: jax.Array, err: jax.Array, base: jax.Array) -> tuple[float, jax.Array, jax.Array, jax.Array]:
         """(mean metric, d/df [P,T,F], d/derr [P,T,D], d/dbase [P,T,D]) at (f, err, base)."""

@@ -101,14 +101,18 @@ class NeoXLayer(nnx.Module):
         self.attention = NeoXAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = NeoXMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, resid, cos, sin, mask):
-        """resid [B,T,D] -> (resid_post, attn_out, mlp_out), each [B,T,D] float32."""
-        attn_out = self.attention(self.input_layernorm(resid), cos, sin, mask)
+    def __call__(self, resid, cos, sin, mask, attn_out=None, mlp_out=None):
+        """resid [B,T,D] -> (resid_post, attn_out, mlp_out), each [B,T,D] float32. A given attn_out or mlp_out
+        [B,T,D] replaces that sublayer's output (what comes after it sees the replacement)."""
+        if attn_out is None:
+            attn_out = self.attention(self.input_layernorm(resid), cos, sin, mask)
         if self.use_parallel_residual:
-            mlp_out = self.mlp(self.post_attention_layernorm(resid))
+            if mlp_out is None:
+                mlp_out = self.mlp(self.post_attention_layernorm(resid))
             return resid + attn_out + mlp_out, attn_out, mlp_out
         mid = resid + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(mid))
+        if mlp_out is None:
+            mlp_out = self.mlp(self.post_attention_layernorm(mid))
         return mid + mlp_out, attn_out, mlp_out
 
 
@@ -151,14 +155,22 @@ class GPTNeoX(nnx.Module):
             mask = causal & attention_mask.astype(bool)[:, None, None, :]
         return cos, sin, mask
 
-    def _blocks(self, resid, start, stop, ctx, want=None):
-        """Runs blocks start..stop-1 on resid [B,T,D]; `want` collects {hook: [B,T,D]} on the way."""
+    def _blocks(self, resid, start, stop, ctx, want=None, replace=None):
+        """Runs blocks start..stop-1 on resid [B,T,D]; `want` collects {hook: [B,T,D]} on the way; `replace`
+        (hook, value [B,T,D]) puts value in place of that hook's activation."""
         cos, sin, mask = ctx
         out = {}
+        at, value = replace if replace is not None else (None, None)
         for i in range(start, stop):
+            if at == f"blocks.{i}.hook_resid_pre":
+                resid = value
             if want is not None and f"blocks.{i}.hook_resid_pre" in want:
                 out[f"blocks.{i}.hook_resid_pre"] = resid
-            resid, attn_out, mlp_out = self.layers[i](resid, cos, sin, mask)
+            resid, attn_out, mlp_out = self.layers[i](
+                resid, cos, sin, mask, attn_out=value if at == f"blocks.{i}.hook_attn_out" else None,
+                mlp_out=value if at == f"blocks.{i}.hook_mlp_out" else None)
+            if at == f"blocks.{i}.hook_resid_post":
+                resid = value
             if want is not None:
                 for name, val in (("hook_attn_out", attn_out), ("hook_mlp_out", mlp_out),
                                   ("hook_resid_post", resid)):
@@ -197,21 +209,23 @@ class GPTNeoX(nnx.Module):
             out[f"blocks.{stop}.hook_resid_pre"] = resid
         return {h: out[h] for h in hooks}
 
-    def forward_from(self, hook: str, resid: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Resumes after a resid_pre/resid_post hook with a replaced residual resid [B,T,D] -> logits [B,T,V]."""
-        layer, kind = parse_hook(self.cfg, hook)
-        if kind not in ("hook_resid_pre", "hook_resid_post"):
-            raise CrossjaxError(f"forward_from resumes only at residual hooks (hook_resid_pre / hook_resid_post), "
-                                f"not {hook!r}: an attention or MLP output alone does not determine the residual.")
-        if resid.ndim != 3 or resid.shape[-1] != self.cfg.hidden_size:
-            raise CrossjaxError(f"resid must be [batch, tokens, {self.cfg.hidden_size}], got {tuple(resid.shape)}.")
-        start = layer if kind == "hook_resid_pre" else layer + 1
-        b, t, _ = resid.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
-            raise CrossjaxError(f"attention_mask shape {tuple(attention_mask.shape)} must be {(b, t)}.")
-        ctx = self._context(b, t, attention_mask)
-        out, _ = self._blocks(resid.astype(jnp.float32), start, self.cfg.num_layers, ctx)
-        return self.unembed(out)
+    def forward_replacing(self, input_ids: jax.Array, hook: str, value: jax.Array,
+                          attention_mask: jax.Array | None = None) -> jax.Array:
+        """input_ids [B,T] with the activation at `hook` replaced by value [B,T,D] -> logits [B,T,V] float32.
+
+        Any hook kind: a residual replaces the whole stream there (what came before no longer matters and is
+        compiled away under jit); an attention or MLP output replaces only that sublayer's output, so the residual
+        that bypasses it still comes from input_ids.
+        """
+        parse_hook(self.cfg, hook)
+        self._check_inputs(input_ids, attention_mask)
+        if tuple(value.shape) != tuple(input_ids.shape) + (self.cfg.hidden_size,):
+            raise CrossjaxError(f"the replacement at {hook} must be [batch, tokens, {self.cfg.hidden_size}] = "
+                                f"{tuple(input_ids.shape) + (self.cfg.hidden_size,)}, got {tuple(value.shape)}.")
+        ctx = self._context(*input_ids.shape, attention_mask)
+        resid, _ = self._blocks(self.embed_in(input_ids), 0, self.cfg.num_layers, ctx,
+                                replace=(hook, value.astype(jnp.float32)))
+        return self.unembed(resid)
 
 
 # ------------------------------------------------------------------------------------------------ functions

@@ -69,12 +69,17 @@ def identity_crosscoder(shift=64.0):
     return params, SCALES, cfg
 
 
-def torch_loss(model, ids, real, replace=None, layer=0):
-    """Mean next-token loss over pairs inside `real`, optionally with layer `layer`'s output replaced by
-    replace(output) through a PyTorch forward hook."""
+def torch_loss(model, ids, real, replace=None, layer=0, sublayer=None):
+    """Mean next-token loss over pairs inside `real`, optionally with layer `layer`'s output (or its "attention" or
+    "mlp" sublayer's) replaced by replace(output) through a PyTorch forward hook."""
     handle = None
     if replace is not None:
-        handle = model.gpt_neox.layers[layer].register_forward_hook(lambda mod, args, out: replace(out))
+        module = model.gpt_neox.layers[layer]
+        if sublayer == "attention":   # returns (output, weights)
+            handle = module.attention.register_forward_hook(lambda mod, args, out: (replace(out[0]),) + out[1:])
+        else:
+            module = module.mlp if sublayer == "mlp" else module
+            handle = module.register_forward_hook(lambda mod, args, out: replace(out))
     try:
         with torch.no_grad():
             logits = model(torch.as_tensor(ids, dtype=torch.long),
@@ -157,6 +162,46 @@ def test_resid_pre_hook_and_sequential_residual(tmp_path, contexts):
         np.testing.assert_allclose(r["zero_ablated_loss"], zero, atol=2e-5, rtol=0)
 
 
+def torch_sublayer_output(model, ids, real, layer, sublayer):
+    seen = {}
+    handle = getattr(model.gpt_neox.layers[layer], sublayer).register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("out", out[0] if sublayer == "attention" else out))
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(real, dtype=torch.long))
+    finally:
+        handle.remove()
+    return seen["out"]
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+@pytest.mark.parametrize("sublayer", ["attention", "mlp"])
+def test_attention_and_mlp_output_hooks_replace_only_that_sublayer(tmp_path, contexts, parallel, sublayer):
+    """At hook_attn_out / hook_mlp_out the splice replaces the sublayer's output and keeps the residual that
+    bypasses it: the reference is PyTorch with that module's output replaced by a forward hook."""
+    ids, valid, real = contexts
+    hook = "blocks.1.hook_attn_out" if sublayer == "attention" else "blocks.1.hook_mlp_out"
+    models = [hf_model(seed, parallel=parallel) for seed in (4, 5)]
+    for i, m in enumerate(models):
+        m.save_pretrained(tmp_path / f"s{i}")
+    loaded = [load_snapshot(tmp_path / f"s{i}") for i in range(2)]
+    mask = torch.as_tensor(valid)[..., None]
+    out = spliced_loss(loaded, identity_crosscoder(), hook, (ids, valid), batch_size=len(ids))
+    for m, r in zip(models, out.values()):
+        clean = torch_loss(m, ids, real)
+        zero = torch_loss(m, ids, real, lambda h: torch.where(mask, 0.0, h), layer=1, sublayer=sublayer)
+        np.testing.assert_allclose(r["spliced_loss"], clean, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(r["zero_ablated_loss"], zero, atol=2e-5, rtol=0)
+        assert abs(zero - clean) > 1e-3   # the sublayer matters
+    # the other snapshot's sublayer output patched in: not the other snapshot's loss, model 0 with it
+    swapped = spliced_loss({"a": loaded[0], "b": loaded[1]}, None, hook, (ids, valid), batch_size=2,
+                           reconstruct=lambda x: x[:, ::-1])
+    theirs = torch_sublayer_output(models[1], ids, real, 1, sublayer)
+    want = torch_loss(models[0], ids, real, lambda h: torch.where(mask, theirs, h), layer=1, sublayer=sublayer)
+    np.testing.assert_allclose(swapped["a"]["spliced_loss"], want, atol=2e-5, rtol=0)
+    assert abs(want - torch_loss(models[1], ids, real)) > 1e-3
+
+
 def test_export_directory_and_contexts_object(snapshots, contexts, tmp_path):
     from crossjax.tokens import Contexts
 
@@ -180,8 +225,7 @@ def _small_crosscoder(a):
 ERRORS = {
     "fewer snapshots": (lambda a: spliced_loss(a.dirs[:1], a.cc, a.hook, (a.ids, a.valid)),
                         "covers 2 snapshots but 1 were given"),
-    "not a residual hook": (lambda a: spliced_loss(a.dirs, a.cc, "blocks.0.hook_mlp_out", (a.ids, a.valid)),
-                            "not a residual hook"),
+    "unknown hook": (lambda a: spliced_loss(a.dirs, a.cc, "blocks.0.hook_mlp", (a.ids, a.valid)), "unknown hook"),
     "hook too deep": (lambda a: spliced_loss(a.dirs, a.cc, "blocks.5.hook_resid_post", (a.ids, a.valid)),
                       "2 layers"),
     "other d_model": (lambda a: spliced_loss(a.dirs, _small_crosscoder(a), a.hook, (a.ids, a.valid)),

@@ -27,9 +27,10 @@ def neox(seed: int, *, layers: int = 2, eps: float = 1e-5) -> GPTNeoX:
     for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[-1] in ("kernel", "embedding"):
             leaf.set_value(leaf.get_value() * 20.0)
-    if eps > 1:  # LayerNorm with a huge epsilon is (x - mean) / sqrt(eps): linear; scaled back to O(1) logits
-        ln = model.final_layer_norm.scale
-        ln.set_value(ln.get_value() * eps ** 0.5)
+    if eps > 1:  # LayerNorm with a huge epsilon is (x - mean) / sqrt(eps): linear; scaled back to O(1) outputs
+        for ln in [model.final_layer_norm] + [n for layer in model.layers
+                                              for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            ln.scale.set_value(ln.scale.get_value() * eps ** 0.5)
     return model
 
 

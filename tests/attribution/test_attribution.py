@@ -4,6 +4,7 @@ difference on a nonlinear model, and the curves match their definitions."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from _attribution_cases import crosscoder, id_task, snapshots
 from crossjax import crosscoder as cc
@@ -50,14 +51,37 @@ def test_the_splice_leaves_the_output_unchanged(activation):
             float(sp.plain_clean.mean()), abs=1e-4)
 
 
+def test_the_corrupted_metric_is_the_corrupted_run_at_a_residual_hook_and_a_patch_elsewhere():
+    """The model runs on the clean prompts with the corrupted activation patched in at the hook: at a residual hook
+    that is the corrupted run itself; at an attention output the clean residual bypasses the hook, so it is not."""
+    snaps, task = snapshots(S), id_task(seed=3)
+    loaded = snaps["step1"].model
+    plain = np.asarray(splice._plain_metric(*nnx.split(loaded), task.corrupted, task.mask, task.last, task.right,
+                                            task.wrong))
+    at_resid, _ = spliced(snaps, crosscoder(S), "blocks.0.hook_resid_post", task, 1)
+    np.testing.assert_allclose(at_resid.plain_corrupted, plain, rtol=1e-5, atol=1e-4)
+    at_attn, res = spliced(snaps, crosscoder(S), "blocks.0.hook_attn_out", task, 1)
+    assert np.abs(at_attn.plain_corrupted - plain).max() > 0.1
+    # ... and it is the clean run with that sublayer's output swapped (the block recomputed by hand around it)
+    ids, mask = jnp.asarray(task.clean), jnp.asarray(task.mask)
+    block = loaded.layers[0]
+    ctx = loaded._context(*ids.shape, mask)
+    resid, _, _ = block(loaded.embed_in(ids), *ctx, attn_out=jnp.asarray(res.corrupted[1]))
+    logits = loaded.forward_replacing(ids, "blocks.0.hook_resid_post", resid, mask)
+    want = np.asarray(splice._readout(logits, task.last, task.right, task.wrong))
+    np.testing.assert_allclose(at_attn.plain_corrupted, want, rtol=1e-5, atol=1e-4)
+
+
 def _with_feature(f, i, value):
     return f.at[..., i].set(value)
 
 
-def test_attribution_is_the_actual_change_when_the_metric_is_linear_in_the_features():
-    # hook after the last block: only the final LayerNorm (made linear by its epsilon) and the unembedding follow
+# After the last block's residual, or its attention output (parallel residual: the MLP reads the block's input),
+# only the final LayerNorm (made linear by its epsilon) and the unembedding follow.
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_attn_out"])
+def test_attribution_is_the_actual_change_when_the_metric_is_linear_in_the_features(hook):
     snaps, task = snapshots(S, eps=1e10), id_task(seed=1)
-    sp, _ = spliced(snaps, crosscoder(S), "blocks.1.hook_resid_post", task, 1)
+    sp, _ = spliced(snaps, crosscoder(S), hook, task, 1)
     a = attribute.attribute(sp, ig_steps=1)
     m = sp.metric(sp.f_clean)[0]
     actual_ablate = np.array([m - sp.metric(_with_feature(sp.f_clean, i, 0.0))[0] for i in range(sp.num_features)])
@@ -79,11 +103,12 @@ def test_attribution_is_the_actual_change_when_the_metric_is_linear_in_the_featu
         assert kept == pytest.approx(m_none + a.scores["attribution"][order[:k]].sum(), abs=1e-3 * scale)
 
 
-def test_integrated_gradients_converges_to_the_exact_difference_on_a_nonlinear_model():
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"])
+def test_integrated_gradients_converges_to_the_exact_difference_on_a_nonlinear_model(hook):
     snaps, task = snapshots(S), id_task(seed=2)
-    sp, _ = spliced(snaps, crosscoder(S), "blocks.0.hook_resid_post", task, 2)
+    sp, _ = spliced(snaps, crosscoder(S), hook, task, 2)
     exact = float(sp.plain_clean.mean() - sp.plain_corrupted.mean())
-    assert abs(exact) > 0.5
+    assert abs(exact) > 0.05
     gaps = [abs(attribute.attribute(sp, ["integrated_gradients"], ig_steps=n).ig_gap) for n in (1, 4, 16, 64)]
     assert gaps[0] > 1e-2 * abs(exact)                       # nonlinear: one step is far off
     assert gaps[1] < gaps[0] and gaps[2] < gaps[1] and gaps[3] <= gaps[2] + 1e-5
@@ -119,8 +144,8 @@ def test_analyze_names_what_does_not_fit():
         run.analyze(snaps, crosscoder(2), hook, task)
     with pytest.raises(CrossjaxError, match=r"\['step9'\] to analyze are not among"):
         run.analyze(snaps, crosscoder(S), hook, task, targets=["step9"])
-    with pytest.raises(CrossjaxError, match="not a residual hook"):
-        run.analyze(snaps, crosscoder(S), "blocks.0.hook_mlp_out", task)
+    with pytest.raises(CrossjaxError, match="unknown hook"):
+        run.analyze(snaps, crosscoder(S), "blocks.0.hook_mlp", task)
     sp, _ = spliced(snaps, crosscoder(S), hook, task, 0)
     with pytest.raises(CrossjaxError, match="choose among"):
         attribute.attribute(sp, ["patching"])

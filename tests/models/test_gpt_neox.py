@@ -109,23 +109,42 @@ def test_attn_and_mlp_outputs_match_torch_forward_hooks(pair):
         np.testing.assert_allclose(got[name], ref, atol=TOL, rtol=0, err_msg=name)
 
 
-def test_forward_from_unchanged_and_replaced_residual(pair):
+def test_forward_replacing_its_own_activation_is_the_plain_forward(pair):
+    _, model = pair
+    j = jnp.asarray(tokens(seed=3))
+    plain = model(j)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
+    acts = model.run_hooks(j, hooks)
+    for hook in hooks:
+        np.testing.assert_allclose(model.forward_replacing(j, hook, acts[hook]), plain, atol=1e-5, rtol=0,
+                                   err_msg=hook)
+
+
+# hook -> (the HF module whose output it is, given the HF model; how a forward hook swaps that output for `new`)
+REPLACED = {
+    "blocks.0.hook_resid_post": (lambda hf: hf.gpt_neox.layers[0], lambda out, new: new),
+    "blocks.1.hook_resid_pre": (lambda hf: hf.gpt_neox.layers[0], lambda out, new: new),
+    "blocks.1.hook_attn_out": (lambda hf: hf.gpt_neox.layers[1].attention, lambda out, new: (new,) + out[1:]),
+    "blocks.1.hook_mlp_out": (lambda hf: hf.gpt_neox.layers[1].mlp, lambda out, new: new),
+}
+
+
+@pytest.mark.parametrize("hook", list(REPLACED))
+def test_forward_replacing_matches_torch_with_that_output_swapped(pair, hook):
+    """A random replacement at each hook kind: PyTorch with a forward hook that swaps the module's output is the
+    reference. At an attention or MLP output the residual that bypasses the sublayer must stay the model's own."""
     hf, model = pair
     ids = tokens(seed=3)
-    j = jnp.asarray(ids)
-    plain = lm_loss(model(j), j)
-    resid = model.run_hooks(j, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
-    np.testing.assert_allclose(lm_loss(model.forward_from("blocks.0.hook_resid_post", resid), j), plain, rtol=1e-6)
-    np.testing.assert_allclose(lm_loss(model.forward_from("blocks.1.hook_resid_pre", resid), j), plain, rtol=1e-6)
-    # A replaced residual: HF with a forward hook that swaps layer 0's output gives the reference logits.
-    new = np.random.default_rng(0).normal(size=resid.shape).astype(np.float32)
-    handle = hf.gpt_neox.layers[0].register_forward_hook(lambda mod, inp, out: torch.as_tensor(new))
+    new = np.random.default_rng(0).normal(size=ids.shape + (64,)).astype(np.float32)
+    module, swap = REPLACED[hook]
+    handle = module(hf).register_forward_hook(lambda mod, inp, out: swap(out, torch.as_tensor(new)))
     try:
         ref = hf_run(hf, ids).logits.numpy()
     finally:
         handle.remove()
-    np.testing.assert_allclose(model.forward_from("blocks.0.hook_resid_post", jnp.asarray(new)), ref, atol=TOL,
-                               rtol=0)
+    got = model.forward_replacing(jnp.asarray(ids), hook, jnp.asarray(new))
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+    assert np.abs(ref - hf_run(hf, ids).logits.numpy()).max() > 0.1   # the swap changed the output
 
 
 def test_lm_loss_matches_hf_loss_with_and_without_padding(pair):
@@ -275,9 +294,11 @@ HOOK_ERRORS = {
     "unknown hook": (lambda cfg, m, ids: m.run_hooks(ids, ["blocks.1.resid"]), "unknown hook"),
     "validate_hook past the last layer": (lambda cfg, m, ids: validate_hook(cfg, "blocks.9.hook_resid_pre"),
                                           "4 layers"),
-    "forward_from a non-residual hook": (lambda cfg, m, ids: m.forward_from("blocks.1.hook_attn_out",
-                                                                            jnp.zeros((1, 4, 16))),
-                                         "residual hooks"),
+    "a replacement of another shape": (lambda cfg, m, ids: m.forward_replacing(ids, "blocks.1.hook_attn_out",
+                                                                               jnp.zeros((1, 5, 16))),
+                                       r"must be \[batch, tokens, 16\] = \(1, 4, 16\)"),
+    "forward_replacing past the last layer": (lambda cfg, m, ids: m.forward_replacing(
+        ids, "blocks.4.hook_mlp_out", jnp.zeros((1, 4, 16))), "4 layers"),
     "context longer than the positions": (lambda cfg, m, ids: m(jnp.zeros((1, 9), jnp.int32)),
                                           "max_position_embeddings"),
     "validate_context_len": (lambda cfg, m, ids: validate_context_len(cfg, 2048), "max_position_embeddings"),
