@@ -46,7 +46,8 @@ def analyze(snapshots: Sequence | Mapping, crosscoder, hook: str, task: tasks_li
     missing = [t for t in targets if t not in names]
     if missing or not targets:
         raise CrossjaxError(f"snapshots {missing or targets} to analyze are not among the crosscoder's {names}.")
-    console.say("attribution", f"{tasks_lib.describe(task)}; residuals of {len(items)} snapshots", enabled=progress)
+    console.say("attribution", f"{tasks_lib.describe(task)}; activations at {hook} of {len(items)} snapshots",
+                enabled=progress)
     res = splice_lib.collect_residuals(items, hook, task, cc.cfg.d_model)
     h_clean, h_corr = cc.encode(res.clean, task.valid), cc.encode(res.corrupted, task.valid)
     out = {}

@@ -148,7 +148,7 @@ class Crosscoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pass 1: the residuals of every snapshot
+# Pass 1: the activations at the hook of every snapshot
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,14 @@ def _positions(data, names: list[str], ax) -> np.ndarray:
     return _snapshot_axis(ax, data)[[data.snapshots.index(n) for n in names]]
 
 
+def corrupted_label(hook: str) -> str:
+    """What an attribution's "corrupted" metric is at this hook: the model always runs the clean prompts, so only at a
+    residual hook is the corrupted activation patched in the corrupted run itself (crossjax/attribution/splice.py)."""
+    if hook.rsplit(".", 1)[-1] in ("hook_attn_out", "hook_mlp_out"):
+        return "corrupted activation patched in at the hook"
+    return "corrupted prompts"
+
+
 def plot_attribution_metric(data, task, out_dir: str) -> Plot:
     name = f"attribution_{task.key[len('attr_'):]}_metric"
     title = f"Task {task.task}: its metric at each snapshot"
@@ -33,7 +41,7 @@ def plot_attribution_metric(data, task, out_dir: str) -> Plot:
     x = _positions(data, task.snapshots, ax)
     per = [r["snapshots"][n] for n in task.snapshots]
     ax.plot(x, [s["metric_clean"] for s in per], "o-", label="clean prompts")
-    ax.plot(x, [s["metric_corrupted"] for s in per], "s--", label="corrupted prompts")
+    ax.plot(x, [s["metric_corrupted"] for s in per], "s--", label=corrupted_label(str(r["hook"])))
     ks = [k_index(s["curves"][method]["k"]) for s in per]
     top = [np.nan if i is None else s["curves"][method]["ablate_top"][i] for s, i in zip(per, ks)]
     rnd = [np.nan if i is None else s["curves"][method]["ablate_random"][i] for s, i in zip(per, ks)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 
-from crossjax.report.analysis_plots import k_index, correlation_text
+from crossjax.report.analysis_plots import corrupted_label, correlation_text, k_index
 
 TOP_SHOWN = 5          # top attributed features listed per snapshot
 
@@ -48,8 +48,9 @@ def attribution_html(data, figures: dict) -> str:
                    f'<p class="facts"><b>{r["pairs"]}</b> pairs at <code>{html.escape(str(r["hook"]))}</code>; '
                    f"methods {html.escape(', '.join(t.methods))} (integrated gradients: {r.get('ig_steps')} steps); "
                    f"random sets: {r.get('draws')} draws, seed {r.get('seed')}; the table ranks by "
-                   f"<b>{html.escape(method)}</b>. Sort the feature table by its <i>attr {html.escape(t.task)}</i> "
-                   "column for every feature.</p>\n"
+                   f"<b>{html.escape(method)}</b>; <i>corrupted</i> is the metric with the "
+                   f"{html.escape(corrupted_label(str(r['hook'])))}. Sort the feature table by its "
+                   f"<i>attr {html.escape(t.task)}</i> column for every feature.</p>\n"
                    '<table class="analysis"><thead><tr><th class="str">snapshot</th><th>clean</th>'
                    "<th>corrupted</th><th>active</th><th>k</th><th>top-k ablated</th><th>random k ablated</th>"
                    f'<th class="str">top features by {html.escape(method)}</th></tr></thead><tbody>\n')

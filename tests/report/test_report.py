@@ -307,6 +307,7 @@ def test_attribution_and_complexity_sections_show_the_analyses_outputs(analysed_
     c = scored["correlation"]          # planted features all emerge at one snapshot: no correlation, and why
     assert c["spearman_r"] is None and f"No correlation: {c['note']}" in page
     assert "task attribution: not run" not in page and "not scored" not in page
+    assert "<i>corrupted</i> is the metric with the corrupted prompts" in page     # not a sublayer hook
     # the table's columns: the largest attribution over snapshots, and the complexity of the scored features
     np.testing.assert_allclose(column(report, "attr_agreement"), scores["attribution"].max(axis=0), rtol=1e-3)
     cx = column(report, "cx_offline")
@@ -330,6 +331,17 @@ def test_attribution_and_complexity_sections_show_the_analyses_outputs(analysed_
     assert evals["complexity"]["offline"]["features"] == c["features"] == len(want)
     headline = train.report(RunSummary.read(analysed_copy)).splitlines()
     assert f"complexity (offline): no correlation ({c['note']})" in headline
+
+
+def test_the_attribution_section_says_what_corrupted_means_at_a_sublayer_hook(analysed_copy):
+    """At an attention output the clean run gets the corrupted activation patched in: the section says so."""
+    path = os.path.join(analysed_copy, "attribution", "agreement.json")
+    attributed = json.load(open(path))
+    attributed["hook"] = "blocks.0.hook_attn_out"
+    json.dump(attributed, open(path, "w"))
+    page = open(write_report(analysed_copy, progress=False), encoding="utf-8").read()
+    assert "<i>corrupted</i> is the metric with the corrupted activation patched in at the hook" in page
+    assert "with the corrupted prompts" not in page
 
 
 def test_the_complexity_section_gives_spearman_with_p_and_n(analysed_copy):
