@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def bench_config(args, on_the_fly: bool, store: str):
-    from crossjax import configs, pipeline
+    from crossjax import config_checks, configs, pipeline
     c = configs.load_experiment(args.config)
     c.data.on_the_fly = on_the_fly
     c.store.path = store
@@ -66,7 +66,7 @@ def bench_config(args, on_the_fly: bool, store: str):
     c.suite.progress = False
     c.eval.report = False      # the bench times the data and training stages, not the analyses
     c = pipeline.bind_suite(c)
-    configs.validate(c)
+    config_checks.validate(c)
     return c
 
 

@@ -114,7 +114,7 @@ def table(rows: list[dict]) -> str:
 
 def sweep(config, workdir: str, layers: list[int], hook: str = HOOK.default) -> list[dict]:
     """Train every layer (reusing finished ones), then analyse each; write workdir/layer_sweep.json."""
-    from crossjax import configs, console, pipeline
+    from crossjax import config_checks, console, pipeline
     from crossjax.errors import CrossjaxError
     from crossjax.files import atomic_write_text
     if "{layer}" not in hook or hook.replace("{layer}", "").count("{") or hook.replace("{layer}", "").count("}"):
@@ -122,7 +122,7 @@ def sweep(config, workdir: str, layers: list[int], hook: str = HOOK.default) -> 
                             "--hook=blocks.{layer}.hook_resid_post")
     per_layer = [layer_config(config, layer, hook) for layer in layers]
     for cfg in per_layer:                  # a layer past the model's depth fails before any layer is trained
-        configs.validate(pipeline.bind_suite(cfg))
+        config_checks.validate(pipeline.bind_suite(cfg))
     os.makedirs(workdir, exist_ok=True)
     summaries = []
     for layer, cfg in zip(layers, per_layer):

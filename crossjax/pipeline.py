@@ -2,7 +2,7 @@
 
     summary = pipeline.run(config, workdir)
 
-0. checks   the config's values (configs.validate) and the evaluators' names, before any stage runs
+0. checks   the config's values (config_checks.validate) and the evaluators' names, before any stage runs
 1. workdir  held by this run alone (crossjax/locks.py: a second run on it stops at once, naming the first);
             workdir/config.json guards it: the same config resumes, another config is refused
 2. data     the activation store, made if it is missing: planted data (crossjax/planted.py), or the offline suite
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from crossjax import configs, crosscoder, evals, locks, sharding, snapshot_names, trainer
+from crossjax import config_checks, configs, crosscoder, evals, locks, sharding, snapshot_names, trainer
 from crossjax import workdir as workdir_lib
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
@@ -55,7 +55,7 @@ def run(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     skipped; the store is still checked against the config). callbacks: per-step, see trainer.train.
     """
     config = bind_suite(config)
-    configs.validate(config)
+    config_checks.validate(config)
     evals.check(config.evals, config)              # a typo or a bad setting fails before any stage runs
     workdir = workdir_lib.prepare(workdir)
     with locks.hold_workdir(workdir):              # before anything in the workdir is read or written
@@ -133,7 +133,7 @@ def make_activation_store(config: ConfigDict, workdir: str) -> store_lib.Activat
     """The activation stage alone (`python -m crossjax.activations`): the suite if enabled, then the store of the
     model snapshots' activations, each made if missing. The data sections' cheap checks come first."""
     config = bind_suite(config)
-    configs.validate_data(config, source="snapshots")
+    config_checks.validate_data(config, source="snapshots")
     workdir = workdir_lib.prepare(workdir)
     check_store_location(store_lib.resolve_url(config.store.path, workdir))
     return activation_store(config, workdir, live=False)

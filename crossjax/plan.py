@@ -27,7 +27,7 @@ import types
 from absl import flags
 from ml_collections import config_flags
 
-from crossjax import cli, configs
+from crossjax import cli, config_checks, configs
 from crossjax.errors import CrossjaxError
 
 
@@ -62,7 +62,7 @@ BATCH_STEPS = 4           # smaller batches tried: B/2 .. B/16
 
 def store_shape(config) -> tuple[int, int, str]:
     """(S trained, D, store dtype) as the config describes the store, without opening it."""
-    s = configs.num_snapshots(config)
+    s = config_checks.num_snapshots(config)
     if config.data.source == "planted":
         return s, int(config.planted.d_model), str(config.planted.dtype)
     d = int(config.data.d_model)
@@ -76,7 +76,7 @@ def store_shape(config) -> tuple[int, int, str]:
 def planned_steps(config) -> int:
     """The run's length as the trainer will compute it (it only shapes the schedules, not the memory)."""
     from crossjax import trainer
-    blocks = configs.store_blocks(config) or 1
+    blocks = config_checks.store_blocks(config) or 1
     block_rows = int(config.planted.block_rows if config.data.source == "planted" else config.store.block_rows)
     rows = max(blocks - int(config.train.heldout_blocks), 1) * block_rows
     return trainer.total_steps(config, rows, rows // int(config.train.batch_size))
@@ -152,7 +152,7 @@ def find_fitting(planner: ConfigPlanner, plan, budget) -> list[Alternative]:
     n, batch = math.prod(plan.mesh.values()), plan.batch_size
     current = tuple(plan.mesh.values())
     shape = (planner.num_snapshots, planner.num_features)
-    streams = int(planner.config.data.streams)   # a fixed stream count must divide the batch (configs.validate)
+    streams = int(planner.config.data.streams)   # a fixed stream count must divide the batch (config_checks)
 
     def first_fit(num_devices, batch_size, skip=()):
         for mesh_shape in mesh_candidates(num_devices, *shape, batch_size):
@@ -281,7 +281,7 @@ def plan_command(fv: flags.FlagValues) -> dict:
 
     from crossjax import memory_plan, sharding
     config, n, spec = fv.config, num_devices(fv), fv.accelerator
-    configs.validate(config, num_devices=n)
+    config_checks.validate(config, num_devices=n)
     budget = memory_plan.accelerator_budget(spec, num_devices=n, headroom=fv.headroom) if spec else None
     planner = ConfigPlanner(config, jax.devices())
     plan = planner.plan(sharding.mesh_shape(config.mesh, n, allow_subset=True), int(config.train.batch_size))

@@ -12,7 +12,7 @@ import pytest
 from _procs import child_env
 from _files import tree_bytes
 from _trainer_util import ROOT, experiment
-from crossjax import compare, configs, crosscoder, data, metrics, pipeline, planted, snapshot_names
+from crossjax import compare, config_checks, crosscoder, data, metrics, pipeline, planted, snapshot_names
 from crossjax.analysis import recovery
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
@@ -91,15 +91,15 @@ def test_snapshot_selection_by_name_or_index():
     c = _tiny()
     c.data.snapshots = "planted_1,nope"
     with pytest.raises(CrossjaxError, match=r"unknown: \['nope'\]"):
-        configs.validate(c)    # before any store is written
+        config_checks.validate(c)    # before any store is written
     c.data.snapshots = "planted_2"
-    assert configs.num_snapshots(c) == 1
+    assert config_checks.num_snapshots(c) == 1
     c.mesh.data, c.mesh.snapshot = 4, 2
     with pytest.raises(CrossjaxError, match="not divisible by the mesh snapshot axis"):
-        configs.validate(c)    # one snapshot cannot be split over a 2-way snapshot axis
+        config_checks.validate(c)    # one snapshot cannot be split over a 2-way snapshot axis
     sae = compare.sae_config(c, "/somewhere/store", "planted_2")
     assert (sae.mesh.data, sae.mesh.snapshot) == (8, 1) and sae.store.path == "/somewhere/store"
-    configs.validate(sae)
+    config_checks.validate(sae)
 
 
 def test_a_snapshot_subset_delivers_exactly_those_columns(tmp_path):

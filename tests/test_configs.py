@@ -12,7 +12,7 @@ import pytest
 from _procs import child_env
 from _trainer_util import ROOT, experiment
 
-from crossjax import configs, sharding, trainer
+from crossjax import config_checks, configs, sharding, trainer
 from crossjax.errors import CrossjaxError
 from crossjax.models import gpt_neox
 
@@ -136,7 +136,7 @@ def test_unknown_key_on_the_command_line_fails_with_the_valid_keys(tmp_path):
 def test_validate_accepts_the_shipped_experiments():
     for name, variants in VARIANTS.items():
         for variant in variants:
-            configs.validate(experiment(name, variant), num_devices=8)
+            config_checks.validate(experiment(name, variant), num_devices=8)
 
 
 @pytest.mark.parametrize("edit,fragment", [
@@ -157,7 +157,7 @@ def test_validate_names_each_problem_and_its_fix(edit, fragment):
     c = experiment("synthetic", "tiny")
     edit(c)
     with pytest.raises(CrossjaxError) as e:
-        configs.validate(c, num_devices=8)
+        config_checks.validate(c, num_devices=8)
     assert fragment in str(e.value)
 
 
@@ -166,7 +166,7 @@ def test_validate_lists_all_problems_at_once():
     c.train.batch_size = 100
     c.train.lr = -1.0
     with pytest.raises(CrossjaxError) as e:
-        configs.validate(c, num_devices=8)
+        config_checks.validate(c, num_devices=8)
     assert "batch_size=100" in str(e.value) and "train.lr=-1.0" in str(e.value)
 
 
@@ -182,7 +182,7 @@ def test_pythia160m_fits_pythia_and_builds_the_papers_abstract_state():
     gpt_neox.validate_context_len(pythia, c.tokens.context_len)
     assert c.data.d_model == pythia.hidden_size
     steps = math.ceil(c.train.num_tokens / c.train.batch_size)
-    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=configs.num_snapshots(c), d_model=c.data.d_model,
+    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=config_checks.num_snapshots(c), d_model=c.data.d_model,
                                                  total_steps=steps)
     p = state["params"]
     # the paper's crosscoder: 32 snapshots, d_model 768, F = 24,576 (expansion 32)

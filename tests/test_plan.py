@@ -11,7 +11,7 @@ import pytest
 from _procs import child_env
 from _trainer_util import ROOT, experiment
 
-from crossjax import configs, memory_plan, plan, sharding, trainer
+from crossjax import config_checks, memory_plan, plan, sharding, trainer
 from crossjax.errors import CrossjaxError
 from crossjax.models import gpt_neox
 
@@ -21,7 +21,7 @@ F32 = 4
 def closed_form(config, mesh: dict) -> dict:
     """Per-device bytes of the parameters (W_enc S*D*F, W_dec S*F*D, b_enc F, b_dec S*D, log_threshold F) and of
     Adam's mu and nu of each, all float32, split by the mesh."""
-    s = configs.num_snapshots(config) // mesh["snapshot"]
+    s = config_checks.num_snapshots(config) // mesh["snapshot"]
     f = int(config.crosscoder.num_features) // mesh["feature"]
     d = int(config.data.d_model)
     params = F32 * (s * d * f + s * f * d + f + s * d + f)
@@ -147,8 +147,8 @@ def test_pythia70m_loads_validates_and_plans_on_one_device():
     c = experiment("pythia70m")
     assert c.model.repo == "EleutherAI/pythia-70m" and len(c.model.snapshots) < 32
     assert c.train.num_tokens < experiment("pythia160m").train.num_tokens
-    configs.validate(c, num_devices=8)
-    configs.validate(c, num_devices=1)
+    config_checks.validate(c, num_devices=8)
+    config_checks.validate(c, num_devices=1)
     pythia70m = gpt_neox.NeoXConfig(vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8,
                                     intermediate_size=2048, max_position_embeddings=2048)
     assert gpt_neox.parse_hook(pythia70m, c.model.hook) == (3, "hook_resid_post")
@@ -166,7 +166,7 @@ def test_pythia6_9b_is_the_papers_run():
         ("EleutherAI/pythia-6.9b", "blocks.16.hook_resid_post", 4096, 32768)
     assert (c.train.lr, c.train.threshold_lr_scale) == (1e-5, 0.3)
     assert list(c.model.snapshots) == list(paper.model.snapshots)   # the same 32 revisions
-    configs.validate(c, num_devices=8)
+    config_checks.validate(c, num_devices=8)
 
 
 @pytest.mark.parametrize("args,fragment", [

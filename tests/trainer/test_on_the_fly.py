@@ -10,7 +10,7 @@ import pytest
 
 import _activations_fixtures as fx
 from _trainer_util import exported, train_records
-from crossjax import configs, pipeline
+from crossjax import config_checks, configs, pipeline
 from crossjax import store as store_lib
 from crossjax.errors import CrossjaxError
 
@@ -192,11 +192,11 @@ def test_on_the_fly_needs_model_snapshots(tmp_path):
     c = configs.base_config()
     c.data.on_the_fly = True                    # data.source is "planted"
     with pytest.raises(CrossjaxError, match=r"on_the_fly=True computes model activations.*data.source='snapshots'"):
-        configs.validate(c)
+        config_checks.validate(c)
     c.data.source, c.model.snapshots = "snapshots", ["step0"]
-    configs.validate(c)
+    config_checks.validate(c)
     c.eval.report = True                        # the report's feature index reads the run's LiveStore
-    configs.validate(c)
+    config_checks.validate(c)
     assert not list(tmp_path.iterdir())
 
 
