@@ -106,7 +106,7 @@ def _load(config, plan_or_specs, s: int, mesh):
     from crossjax.models import load as load_lib
 
     spec, rev = plan_or_specs[s]
-    return load_lib.load_snapshot(spec, rev, dtype=_model_dtype(config.model.dtype), mesh=mesh,
+    return load_lib.load_snapshot(spec, rev, dtype=model_dtype(config.model.dtype), mesh=mesh,
                                   cache_dir=config.model.get("cache_dir") or None)
 
 
@@ -135,7 +135,7 @@ def _inspect_snapshots(config, names, specs) -> _SnapshotPlan:
     return _SnapshotPlan(names, specs, infos, infos[0].config)
 
 
-def _model_dtype(name: str):
+def model_dtype(name: str):
     if name not in _DTYPES:
         raise CrossjaxError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)}.")
     return _DTYPES[name]

@@ -7,8 +7,9 @@
 It builds the run's abstract training state (shapes only; the store's shape comes from the config: the snapshot
 count, data.d_model or planted.d_model, the store dtype), lowers and compiles the real training step
 (crossjax/trainer.py) for a mesh of --devices simulated CPU devices, and prints per device: parameters, optimizer
-state, batch, XLA temporaries and the total, and whether that fits one device of --accelerator with --headroom to
-spare. A TPU slice name gives the device count (v5p-32 is 32 TensorCores: 16 chips, 16 JAX devices), as does
+state, batch, XLA temporaries, for an on-the-fly run the snapshot models resident beside the step (from their
+config.json alone, spread over the devices of one of --hosts hosts), and the total, and whether that fits one device
+of --accelerator with --headroom to spare. A TPU slice name gives the device count (v5p-32 is 32 TensorCores: 16 chips, 16 JAX devices), as does
 8xh100. When the plan does not fit, the exit code is 2 and the message names the smallest change that fits,
 found by compiling candidates: first another mesh on the same devices (the least feature/snapshot split), else a
 smaller train.batch_size, or more devices. Temporaries are as XLA:CPU lays them out; a TPU or GPU compiler
@@ -40,6 +41,8 @@ def command_flags(argv: list[str]) -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_string("accelerator", None, "v4, v5e, v5p, v6e, a100, h100, h200 or cpu; a TPU slice (v5p-32) or "
                         "N GPUs (8xh100) also gives --devices", flag_values=fv)
+    flags.DEFINE_integer("hosts", 1, "hosts the devices are spread over: an on-the-fly run spreads its snapshot "
+                         "models over one host's devices", flag_values=fv)
     flags.DEFINE_float("headroom", 0.1, "fraction of each device's memory the plan must leave free", flag_values=fv)
     flags.DEFINE_enum("format", "text", ["text", "json"], "text: the table; json: one JSON object", flag_values=fv)
     flags.DEFINE_bool("search", True, "when the plan does not fit, compile candidates to find one that does",
@@ -48,7 +51,7 @@ def command_flags(argv: list[str]) -> flags.FlagValues:
 
 
 _USAGE = ("usage: python -m crossjax.plan --config=experiments/x.py[:variant] (--devices=N | --accelerator=SLICE) "
-          "[--accelerator=v5e|v5p|v4|v6e|h100|h200|a100|cpu] [--headroom=0.1] [--format=text|json] "
+          "[--accelerator=v5e|v5p|v4|v6e|h100|h200|a100|cpu] [--hosts=1] [--headroom=0.1] [--format=text|json] "
           "[--config.a.b=...]")
 SEARCH_DEVICES = 8        # candidates go up to this many times --devices (simulated devices are cheap)
 MAX_SIMULATED = 4096
@@ -82,13 +85,37 @@ def planned_steps(config) -> int:
     return trainer.total_steps(config, rows, rows // int(config.train.batch_size))
 
 
+def snapshot_models_bytes(config, host_devices: int) -> int:
+    """Per-device bytes of the snapshot models an on-the-fly run keeps beside its step (0 for a stored run): every
+    snapshot of the store in model.dtype, spread over one host's devices as the activation stage places them.
+    Needs only the architecture: the suite's settings, or the first snapshot's config.json."""
+    if not config.data.on_the_fly:
+        return 0
+    from crossjax import activations
+    from crossjax.models import load, snapshot_files
+    if config.suite.enabled:
+        from crossjax.suite import model as suite_model
+        arch = suite_model.neox_config(config.suite.to_dict())
+    else:
+        _, specs = activations.snapshot_specs(config.model)
+        try:
+            arch = snapshot_files.read_architecture(*specs[0], cache_dir=config.model.get("cache_dir") or None)
+        except CrossjaxError as e:
+            raise CrossjaxError(f"an on-the-fly run (data.on_the_fly=True) keeps its snapshot models on the devices, "
+                                f"and the plan counts them from the first snapshot's config.json, which it cannot "
+                                f"read: {e}") from None
+    dtype = activations.model_dtype(str(config.model.dtype))
+    return len(config_checks.store_snapshots(config)) * load.placed_bytes(arch, dtype, host_devices)
+
+
 class ConfigPlanner:
     """Memory plans of one config's training step on meshes of the given devices; the abstract state is built
-    once, each plan compiles the real step (crossjax.trainer.make_train_step)."""
+    once, each plan compiles the real step (crossjax.trainer.make_train_step). resident_bytes: what else stays on
+    each device (snapshot_models_bytes)."""
 
-    def __init__(self, config, devices):
+    def __init__(self, config, devices, resident_bytes: int = 0):
         from crossjax import trainer
-        self.config, self.devices = config, list(devices)
+        self.config, self.devices, self.resident_bytes = config, list(devices), int(resident_bytes)
         self.num_snapshots, self.d_model, self.store_dtype = store_shape(config)
         self.steps = planned_steps(config)
         self.cc_cfg, self.tx, self.abstract = trainer.abstract_train_state(
@@ -104,7 +131,7 @@ class ConfigPlanner:
 
     def lower_bound(self, mesh_shape, batch_size: int) -> int:
         from crossjax import memory_plan
-        return memory_plan.lower_bound(memory_plan.static_bytes(
+        return self.resident_bytes + memory_plan.lower_bound(memory_plan.static_bytes(
             self.abstract, self.shardings(mesh_shape), batch_size=batch_size, store_dtype=self.store_dtype))
 
     def plan(self, mesh_shape, batch_size: int):
@@ -113,7 +140,7 @@ class ConfigPlanner:
         step = trainer.make_train_step(self.cc_cfg, self.tx, self.config, self.steps, shard)
         self.compiles += 1
         return memory_plan.plan_step(step, self.abstract, shard, batch_size=batch_size,
-                                     store_dtype=self.store_dtype)
+                                     store_dtype=self.store_dtype, resident_bytes=self.resident_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +287,8 @@ def num_devices(fv: flags.FlagValues) -> int:
                             f"or --accelerator=8xh100\n{_USAGE}")
     if n < 1:
         raise CrossjaxError(f"--devices={n} must be >= 1")
+    if fv.hosts < 1 or n % fv.hosts:
+        raise CrossjaxError(f"--hosts={fv.hosts} must be >= 1 and divide the {n} devices")
     return n
 
 
@@ -283,7 +312,7 @@ def plan_command(fv: flags.FlagValues) -> dict:
     config, n, spec = fv.config, num_devices(fv), fv.accelerator
     config_checks.validate(config, num_devices=n)
     budget = memory_plan.accelerator_budget(spec, num_devices=n, headroom=fv.headroom) if spec else None
-    planner = ConfigPlanner(config, jax.devices())
+    planner = ConfigPlanner(config, jax.devices(), snapshot_models_bytes(config, n // fv.hosts))
     plan = planner.plan(sharding.mesh_shape(config.mesh, n, allow_subset=True), int(config.train.batch_size))
     fits = budget is None or plan.fits(budget)
     alternatives = [] if fits or not fv.search else find_fitting(planner, plan, budget)

@@ -18,7 +18,8 @@ snapshots x 512 in float16; --config.data.on_the_fly=False writes it all). Any
 Hugging Face dataset name or save_to_disk directory with a text field can stand in: --config.tokens.path=...
 
 The plan of one step on one device (`python -m crossjax.plan --config=experiments/pythia70m.py --devices=1
---accelerator=h100`; temporaries as XLA:CPU lays them out):
+--accelerator=h100`; temporaries as XLA:CPU lays them out; the plan reads the snapshots' config.json, from the
+Hub or, here, local copies given with --config.model.path_template=DIR/{snapshot}):
 
     mesh data=1 snapshot=1 feature=1; batch 4096 rows (4096 rows x 8 snapshots per device)
     crosscoder S=8 D=512 F=8,192 (67,129,344 parameters)
@@ -28,7 +29,8 @@ The plan of one step on one device (`python -m crossjax.plan --config=experiment
     batch               32.000 MiB
     XLA temporaries      3.845 GiB   gradients, activations (as XLA:CPU lays them out)
     outputs, code        0.016 MiB
-    total                4.627 GiB
+    snapshot models      2.099 GiB   weights resident for on-the-fly rows
+    total                6.725 GiB
     h100: 80.000 GiB per device, 72.000 GiB after 10% headroom: fits
 
 so one GPU holds it with room to spare; `--accelerator=cpu` compares it with this machine's memory, and the

@@ -159,6 +159,44 @@ def test_pythia70m_loads_validates_and_plans_on_one_device():
     assert p.fits(memory_plan.accelerator_budget("h100", num_devices=1))
 
 
+PYTHIA70M_PARAMS = 70_426_624   # EleutherAI/pythia-70m, embeddings included
+
+
+def test_an_on_the_fly_plan_counts_the_snapshot_models_from_their_config_json(tmp_path, capsys, monkeypatch):
+    """experiments/pythia70m.py trains on the fly: its 8 snapshots stay on the devices beside the step. The plan reads
+    their architecture from config.json alone (here local directories without weights) and counts them."""
+    from huggingface_hub import constants
+    arch = gpt_neox.NeoXConfig(vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048,
+                               max_position_embeddings=2048)
+    c = experiment("pythia70m")
+    assert c.data.on_the_fly
+    for name in c.model.snapshots:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    monkeypatch.chdir(ROOT)
+    common = ["plan", "--config=experiments/pythia70m.py", "--format=json", "--nosearch",
+              f"--config.model.path_template={tmp_path}/{{snapshot}}"]
+    plan.main(common + ["--devices=1", "--accelerator=h100"])
+    one = json.loads(capsys.readouterr().out)
+    assert one["plan"]["resident"] == 8 * PYTHIA70M_PARAMS * F32        # every weight, float32, on the one device
+    assert one["plan"]["total"] >= one["plan"]["arguments"] + one["plan"]["temporaries"] + one["plan"]["resident"]
+    assert one["fits"]
+    # eight devices on two hosts: each host spreads the models over its 4 devices, every matrix split 4 ways and
+    # the biases and LayerNorms (6 layers x (3*512 + 512 + 2048 + 512 + 4*512) + the final 2*512) whole
+    plan.main(common + ["--devices=8", "--hosts=2"])
+    split = json.loads(capsys.readouterr().out)
+    vectors = 6 * (3 * 512 + 512 + 2048 + 512 + 4 * 512) + 2 * 512
+    assert split["plan"]["resident"] == 8 * F32 * ((PYTHIA70M_PARAMS - vectors) // 4 + vectors)
+    # no config.json to read (the Hub offline, nothing cached): one line naming what the plan needs
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as e:
+        plan.main(["plan", "--config=experiments/pythia70m.py", "--devices=1",
+                   f"--config.model.cache_dir={tmp_path / 'empty'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "counts them from the first snapshot's config.json" in err and "EleutherAI/pythia-70m@step0" in err, err
+
+
 def test_pythia6_9b_is_the_papers_run():
     c = experiment("pythia6_9b")
     paper = experiment("pythia160m")
@@ -214,7 +252,8 @@ def test_a_process_whose_backend_has_fewer_devices_plans_in_a_fresh_one(capfd, m
     """This process runs 8 devices; a plan for 16 cannot change that, so the command runs in a child process."""
     monkeypatch.chdir(ROOT)
     assert jax.device_count() == 8   # the backend is up
-    code = plan.main(["plan", "--config=experiments/pythia70m.py", "--devices=16", "--accelerator=h100"])
+    code = plan.main(["plan", "--config=experiments/pythia70m.py", "--devices=16", "--accelerator=h100",
+                      "--config.data.on_the_fly=False"])   # (on the fly, the plan would read the Hub's config.json)
     out = capfd.readouterr().out
     assert code == 0 and "compiled for 16 simulated cpu devices" in out and "mesh data=16" in out, out
     assert jax.device_count() == 8

@@ -47,17 +47,32 @@ class LoadedSnapshot:
 
 
 # ------------------------------------------------------------------------------------------------- sharding
+def _split_dim(shape: tuple[int, ...], num_devices: int) -> int | None:
+    """The dimension the default rule splits over num_devices: the largest one they divide, of a matrix of at least
+    _MIN_SHARD_ELEMENTS elements; None: replicated."""
+    if len(shape) < 2 or num_devices == 1 or int(np.prod(shape)) < _MIN_SHARD_ELEMENTS:
+        return None
+    return next((d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % num_devices == 0), None)
+
+
 def _default_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Split the largest dimension of a big matrix over all mesh axes together; replicate the rest."""
-    n = mesh.devices.size
-    if len(shape) < 2 or n == 1 or int(np.prod(shape)) < _MIN_SHARD_ELEMENTS:
+    dim = _split_dim(shape, mesh.devices.size)
+    if dim is None:
         return PartitionSpec()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % n == 0:
-            spec = [None] * len(shape)
-            spec[dim] = tuple(mesh.axis_names)
-            return PartitionSpec(*spec)
-    return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[dim] = tuple(mesh.axis_names)
+    return PartitionSpec(*spec)
+
+
+def placed_bytes(cfg: NeoXConfig, dtype, num_devices: int) -> int:
+    """Bytes of GPTNeoX(cfg)'s weights in `dtype` on each of num_devices devices, placed as load_snapshot places
+    them on a mesh of those devices by the default rule (the memory plan of an on-the-fly run counts them)."""
+    total = 0
+    for leaf in jax.tree.leaves(nnx.state(abstract_model(cfg, dtype=dtype, param_dtype=dtype))):
+        nbytes = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        total += nbytes // num_devices if _split_dim(tuple(leaf.shape), num_devices) is not None else nbytes
+    return total
 
 
 def _spec_for(hf_name: str, shape, mesh: Mesh, rules) -> PartitionSpec:

@@ -8,6 +8,7 @@ hash, streamed from the files: sha256 over its tensors in canonical (sorted HF n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -59,6 +60,27 @@ def _looks_like_repo_id(spec: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", spec) is not None and not spec.startswith(".")
 
 
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None, cache_dir: str | None):
+    """Hub download errors as CrossjaxErrors that name the fix."""
+    from huggingface_hub import errors as hf_errors
+    where = f"{repo}@{revision or 'main'}"
+    try:
+        yield
+    except hf_errors.RevisionNotFoundError as e:
+        raise CrossjaxError(f"revision {revision!r} does not exist in Hub repo {repo!r}; check the snapshot name "
+                            "(Pythia revisions are step0, step1, ..., step143000).") from e
+    except hf_errors.RepositoryNotFoundError as e:
+        raise CrossjaxError(f"Hub repo {repo!r} was not found (or needs a token); check the name, e.g. "
+                            "EleutherAI/pythia-160m, or pass a local directory.") from e
+    except (hf_errors.LocalEntryNotFoundError, OSError) as e:
+        raise CrossjaxError(
+            f"cannot get {where}: the Hugging Face Hub is unreachable (offline or no network) and the snapshot is "
+            f"not in the cache{f' {cache_dir!r}' if cache_dir else ''} (and no local directory {repo!r} exists). "
+            f"Pass a local directory with config.json and model.safetensors instead. ({type(e).__name__}: {e})"
+        ) from e
+
+
 def _hub_download(repo: str, revision: str | None, cache_dir: str | None) -> Path:
     try:
         import huggingface_hub as hf
@@ -73,7 +95,7 @@ def _hub_download(repo: str, revision: str | None, cache_dir: str | None) -> Pat
         return Path(hf.snapshot_download(repo, revision=revision, cache_dir=cache_dir or None,
                                          allow_patterns=patterns, local_files_only=local_only))
 
-    try:
+    with _hub_errors(repo, revision, cache_dir):
         try:  # the cache first: no network needed for snapshots downloaded before
             path = fetch(safe_patterns, True)
             if not _weights_present(path):
@@ -82,18 +104,6 @@ def _hub_download(repo: str, revision: str | None, cache_dir: str | None) -> Pat
             path = fetch(safe_patterns, False)
             if not _weights_present(path):
                 path = fetch(bin_patterns, False)
-    except hf_errors.RevisionNotFoundError as e:
-        raise CrossjaxError(f"revision {revision!r} does not exist in Hub repo {repo!r}; check the snapshot name "
-                            "(Pythia revisions are step0, step1, ..., step143000).") from e
-    except hf_errors.RepositoryNotFoundError as e:
-        raise CrossjaxError(f"Hub repo {repo!r} was not found (or needs a token); check the name, e.g. "
-                            "EleutherAI/pythia-160m, or pass a local directory.") from e
-    except (hf_errors.LocalEntryNotFoundError, OSError) as e:
-        raise CrossjaxError(
-            f"cannot get {where}: the Hugging Face Hub is unreachable (offline or no network) and the snapshot is "
-            f"not in the cache{f' {cache_dir!r}' if cache_dir else ''} (and no local directory {repo!r} exists). "
-            f"Pass a local directory with config.json and model.safetensors instead. ({type(e).__name__}: {e})"
-        ) from e
     if not (path / "config.json").is_file() or not _weights_present(path):
         raise CrossjaxError(f"Hub snapshot {where} has no config.json or no weights; it is not a GPT-NeoX "
                             "checkpoint crossjax can load.")
@@ -127,6 +137,36 @@ def resolve_snapshot(spec: str | os.PathLike, revision: str | None = None, *,
         return _hub_download(spec, revision, os.fspath(cache_dir) if cache_dir else None)
     raise CrossjaxError(f"snapshot directory {spec!r} does not exist (and it is not a Hub repo name "
                         "'owner/name'); check the path.")
+
+
+def read_architecture(spec: str | os.PathLike, revision: str | None = None, *,
+                      cache_dir: str | os.PathLike | None = None) -> NeoXConfig:
+    """The architecture of a snapshot spec (as resolve_snapshot takes it) from its config.json alone: a local
+    directory needs no weights, and from the Hub only config.json is fetched (the cache first)."""
+    spec = os.fspath(spec)
+    if "{snapshot}" in spec:
+        if revision is None:
+            raise CrossjaxError(f"path template {spec!r} needs a snapshot name: pass revision=<snapshot>.")
+        spec, revision = spec.replace("{snapshot}", str(revision)), None
+    local = Path(spec).expanduser()
+    if local.exists() or not _looks_like_repo_id(spec):
+        if not (local / "config.json").is_file():
+            raise CrossjaxError(f"no config.json in {spec!r}: it is not a Hugging Face snapshot directory; check "
+                                "model.path_template and the snapshot names.")
+        return read_config(local)
+    import huggingface_hub as hf
+    from huggingface_hub import errors as hf_errors
+    cache = os.fspath(cache_dir) if cache_dir else None
+
+    def fetch(local_only):
+        return Path(hf.hf_hub_download(spec, "config.json", revision=revision, cache_dir=cache,
+                                       local_files_only=local_only))
+    with _hub_errors(spec, revision, cache):
+        try:
+            file = fetch(True)
+        except hf_errors.LocalEntryNotFoundError:
+            file = fetch(False)
+    return read_config(file.parent)
 
 
 def read_config(path: Path) -> NeoXConfig:

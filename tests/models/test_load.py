@@ -16,7 +16,8 @@ import transformers  # noqa: F401
 from crossjax.errors import CrossjaxError  # noqa: E402
 from crossjax.models import GPTNeoX, NeoXConfig, Runner  # noqa: E402
 from crossjax.models.load import (  # noqa: E402
-    check_snapshots_consistent, load_snapshot, resolve_snapshot, save_hf_snapshot)
+    check_snapshots_consistent, load_snapshot, placed_bytes, resolve_snapshot, save_hf_snapshot)
+from crossjax.models.snapshot_files import read_architecture  # noqa: E402
 
 VOCAB = 1024  # embed_in / embed_out hold 64K elements: large enough to be sharded by default
 
@@ -167,6 +168,43 @@ def test_load_onto_a_mesh_shards_big_matrices_and_matches(saved):
         load_snapshot(single, mesh=mesh, sharding_rules=[(r"dense_h_to_4h\.weight$", P(None, ("data", "model")))])
     with pytest.raises(CrossjaxError, match="more axes"):
         load_snapshot(single, mesh=mesh, sharding_rules=[(r"final_layer_norm\.weight$", P(None, "model"))])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_placed_bytes_is_what_each_device_holds_after_a_load(saved, dtype):
+    """The memory plan's count of a loaded model against the arrays themselves: on one device every byte, on a mesh
+    of 8 what the device with the most shards holds (the embeddings split, the 84-wide MLP not)."""
+    _, single, _ = saved
+    cfg = load_snapshot(single).config
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    for devices, model in ((1, load_snapshot(single, dtype=dtype).model),
+                           (8, load_snapshot(single, dtype=dtype, mesh=mesh).model)):
+        per_device = {}
+        for leaf in jax.tree.leaves(nnx.state(model)):
+            for shard in leaf.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        assert len(per_device) == devices
+        assert placed_bytes(cfg, dtype, devices) == max(per_device.values())
+    # closed form: only embed_in and embed_out (1024 x 64 each) are large enough to split, 1/8 of each stays
+    embeddings = 2 * VOCAB * 64 * jnp.dtype(dtype).itemsize
+    assert placed_bytes(cfg, dtype, 8) == placed_bytes(cfg, dtype, 1) - embeddings * 7 // 8
+
+
+def test_read_architecture_needs_only_config_json(saved, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    _, single, _ = saved
+    want = load_snapshot(single).config
+    bare = tmp_path / "bare" / "step4"
+    bare.mkdir(parents=True)
+    shutil.copy(single / "config.json", bare / "config.json")          # no weights
+    assert read_architecture(str(tmp_path / "bare" / "{snapshot}"), "step4") == want
+    with pytest.raises(CrossjaxError, match="no config.json"):
+        read_architecture(str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path / "cache", single)
+    assert read_architecture("EleutherAI/pythia-tiny", "step4", cache_dir=tmp_path / "cache") == want
+    with pytest.raises(CrossjaxError, match=r"EleutherAI/pythia-tiny@step8.*unreachable"):
+        read_architecture("EleutherAI/pythia-tiny", "step8", cache_dir=tmp_path / "cache")
 
 
 def test_bf16_load(saved):

@@ -5,12 +5,13 @@ The reference is the stored path itself: the activation stage writes a full stor
 """
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import _activations_fixtures as fx
 from _trainer_util import exported, train_records
-from crossjax import config_checks, configs, pipeline
+from crossjax import config_checks, configs, pipeline, plan
 from crossjax import store as store_lib
 from crossjax.errors import CrossjaxError
 
@@ -158,6 +159,8 @@ def test_the_memory_plan_counts_the_resident_snapshot_models(root, live_run, cap
     weights = sum(v.size * 4 for n in ("step0", "step1", "step2")
                   for v in load_file(str(root / n / "model.safetensors")).values())
     assert live.device_bytes == weights
+    # and crossjax.plan counts the same from the snapshots' config.json alone
+    assert plan.snapshot_models_bytes(config, jax.local_device_count()) == weights
     capsys.readouterr()
     # the written part passed to run() as an opened store (as crossjax.compare does): the rest is computed again
     opened = store_lib.ActivationStore.open(str(live_run[0] / "store"))
