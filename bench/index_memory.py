@@ -73,7 +73,7 @@ def write_store(url: str, rows: int, args) -> None:
 def write_export(path: str, args) -> None:
     import numpy as np
 
-    from crossjax import crosscoder
+    from crossjax import crosscoder, crosscoder_export
 
     cfg = crosscoder.CrosscoderConfig(num_snapshots=args.snapshots, d_model=args.d_model,
                                       num_features=args.features, activation=args.activation, k=16)
@@ -81,7 +81,7 @@ def write_export(path: str, args) -> None:
     params = {k: rng.normal(size=shape).astype(np.float32) / np.sqrt(args.d_model)
               for k, shape in crosscoder.param_shapes(cfg).items()}
     params["log_threshold"] = np.full(args.features, np.log(0.05), np.float32)
-    crosscoder.export_params(params, np.ones(args.snapshots), cfg, path)
+    crosscoder_export.export_params(params, np.ones(args.snapshots), cfg, path)
 
 
 def measure(export: str, store_url: str, args) -> dict:

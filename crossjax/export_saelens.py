@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from crossjax import console, crosscoder, files, paths, snapshot_names
+from crossjax import console, crosscoder, crosscoder_export, files, paths, snapshot_names
 from crossjax.crosscoder_config import CrosscoderConfig
 from crossjax.errors import CrossjaxError
 
@@ -111,7 +111,7 @@ def export(workdir: str, snapshot: str | int, out_dir: str, *, refit_steps: int 
     from crossjax.analysis.separability import read_rows
     from crossjax.summary import RunSummary
     summary = RunSummary.read(workdir)
-    params, scales, cfg = crosscoder.load_exported(summary.export)
+    params, scales, cfg = crosscoder_export.load_exported(summary.export)
     s = snapshot_names.index_of(snapshot, summary.snapshots, where="the run")
     name = summary.snapshots[s]
     paths.check_supported(out_dir, "--out")

@@ -3,9 +3,10 @@
     python -m crossjax.layer_sweep --config=experiments/tiny.py --layers=0,1,2,3 --workdir=DIR [--config.a.b=v ...]
 
 Each layer is the normal pipeline (crossjax.pipeline.run) with model.hook replaced by --hook (default
-blocks.{layer}.hook_resid_post; e.g. --hook=blocks.{layer}.hook_attn_out), in DIR/layer<N> with its own store. The same command again reuses finished layers
-(a layer whose workdir holds another config is refused, as for train) and resumes an interrupted one. Every layer
-is trained before any is analysed, so an analysis never costs a training run.
+blocks.{layer}.hook_resid_post; e.g. --hook=blocks.{layer}.hook_attn_out), in DIR/layer<N> with its own store. The
+same command again reuses finished layers (a layer whose workdir holds another config is refused, as for train)
+and resumes an interrupted one. Every layer is trained before any is analysed, so an analysis never costs a
+training run.
 
 Per layer, printed and written to DIR/layer_sweep.json: the feature kinds and the emergent features by training
 step (crossjax/analysis/evolution.py), the same on decoder norms in raw activation units (per-snapshot
@@ -57,10 +58,10 @@ def analyse_layer(config, summary, layer: int) -> dict:
     """One row of the sweep's table (JSON-ready) from a finished layer's summary, export and store."""
     import numpy as np
 
-    from crossjax import crosscoder, pipeline, snapshot_names
+    from crossjax import crosscoder_export, pipeline, snapshot_names
     from crossjax import store as store_lib
     from crossjax.analysis import evolution, token_dependence
-    params, scales, cc_cfg = crosscoder.load_exported(summary.export)
+    params, scales, cc_cfg = crosscoder_export.load_exported(summary.export)
     store = store_lib.ActivationStore.open(summary.store)
     _, subset = snapshot_names.select(config.data.snapshots, store.meta.snapshots)
     _, heldout_blocks = pipeline.split_blocks(config, store)

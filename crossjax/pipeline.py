@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from crossjax import config_checks, configs, crosscoder, evals, locks, sharding, snapshot_names, trainer
+from crossjax import config_checks, configs, crosscoder_export, evals, locks, sharding, snapshot_names, trainer
 from crossjax import workdir as workdir_lib
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
@@ -94,7 +94,7 @@ def _run_stages(config: ConfigDict, workdir: str, stop_after: int | None, store:
     context.export_dir = os.path.join(workdir, "export")
     host_params = context.host_params              # a collective on several hosts: every process gathers
     if jax.process_index() == 0:
-        crosscoder.export_params(host_params, scales, result.crosscoder, context.export_dir)
+        crosscoder_export.export_params(host_params, scales, result.crosscoder, context.export_dir)
     results = evals.run_all(config.evals, context)
     if "heldout" in results:
         log = MetricsLog(workdir, result.total_steps, result.total_steps, tuple(names))

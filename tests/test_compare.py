@@ -13,6 +13,7 @@ from _procs import child_env
 from _files import tree_bytes
 from _trainer_util import ROOT, experiment
 from crossjax import compare, config_checks, crosscoder, data, metrics, pipeline, planted, snapshot_names
+from crossjax import crosscoder_export
 from crossjax.analysis import recovery
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore
@@ -55,7 +56,7 @@ def test_compare_matches_the_crosscoder_and_direct_sae_runs(tmp_path):
         assert summary.num_features == cc.num_features
         assert summary.scales == pytest.approx([float(store.scales[s])], rel=1e-6)
         assert summary.evals["recovery"]["snapshots"] == [s] and "emergence_accuracy" not in summary.evals["recovery"]
-        _, scales, cfg = crosscoder.load_exported(summary.export)
+        _, scales, cfg = crosscoder_export.load_exported(summary.export)
         assert cfg.num_snapshots == 1 and scales.shape == (1,)
 
     # second code path: the same SAE trained by pipeline.run with data.snapshots set by hand
@@ -66,8 +67,8 @@ def test_compare_matches_the_crosscoder_and_direct_sae_runs(tmp_path):
     assert direct.heldout["ev"] == pytest.approx([result["sae"]["ev"][1]], rel=1e-6)
     assert direct.heldout["l0"] == pytest.approx([result["sae"]["l0"][1]], rel=1e-6)
     assert direct.evals["recovery"]["mean_max_cos"] == pytest.approx(result["sae"]["max_cos"][1], rel=1e-6)
-    via_compare, _, _ = crosscoder.load_exported(result["sae_workdirs"][1] + "/export")
-    by_hand, _, _ = crosscoder.load_exported(direct.export)
+    via_compare, _, _ = crosscoder_export.load_exported(result["sae_workdirs"][1] + "/export")
+    by_hand, _, _ = crosscoder_export.load_exported(direct.export)
     for k in via_compare:
         np.testing.assert_allclose(by_hand[k], via_compare[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert tree_bytes(work / "store") == store_before
@@ -127,7 +128,7 @@ def test_a_subset_run_trains_and_evaluates_on_exactly_that_column(tmp_path):
     summary = pipeline.run(c, str(tmp_path / "sub"))
     assert summary.snapshots == ["planted_2"]
     assert summary.scales == pytest.approx([float(store.scales[2])], rel=1e-6)
-    params, scales, cfg = crosscoder.load_exported(summary.export)
+    params, scales, cfg = crosscoder_export.load_exported(summary.export)
     assert cfg.num_snapshots == 1 and params["W_dec"].shape[0] == 1
     records = [json.loads(line) for line in open(tmp_path / "sub" / "metrics.jsonl")]
     assert all(len(r["ev"]) == 1 for r in records)
@@ -194,7 +195,7 @@ def test_feature_index_on_a_per_snapshot_sae(tmp_path):
     index = FeatureIndex.build(str(tmp_path), progress=False)
     assert index.snapshots == ("planted_2",)
     # brute force on column 2 of every row
-    params, scales, cfg = crosscoder.load_exported(out.export)
+    params, scales, cfg = crosscoder_export.load_exported(out.export)
     store = ActivationStore.open(out.store)
     x = crosscoder.normalize(jnp.asarray(store.read_rows(0, store.meta.num_rows)[:, [2]], jnp.float32),
                              jnp.asarray(scales))

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from crossjax import configs
-from crossjax import crosscoder as cc
+from crossjax import crosscoder as cc, crosscoder_export
 from crossjax.errors import CrossjaxError
 
 
@@ -489,19 +489,19 @@ def test_export_round_trip(tmp_path):
     params = dict(params, b_dec=params["b_dec"] + 0.25)
     scales = np.array([1.5, 0.75])
     out = tmp_path / "export"
-    cc.export_params(params, scales, cfg, str(out))
+    crosscoder_export.export_params(params, scales, cfg, str(out))
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    p2, s2, cfg2 = cc.load_exported(str(out))
+    p2, s2, cfg2 = crosscoder_export.load_exported(str(out))
     assert cfg2 == cfg
     np.testing.assert_array_equal(s2, scales.astype(np.float32))
     for k in cc.PARAM_NAMES:
         np.testing.assert_array_equal(p2[k], np.asarray(params[k]))
     # bad input raises and leaves the export intact
     with pytest.raises(CrossjaxError, match="scales"):
-        cc.export_params(params, np.array([1.0]), cfg, str(out))
+        crosscoder_export.export_params(params, np.array([1.0]), cfg, str(out))
     with pytest.raises(CrossjaxError, match="non-finite"):
-        cc.export_params(dict(params, b_enc=params["b_enc"] * np.nan), scales, cfg, str(out))
-    p3, _, _ = cc.load_exported(str(out))
+        crosscoder_export.export_params(dict(params, b_enc=params["b_enc"] * np.nan), scales, cfg, str(out))
+    p3, _, _ = crosscoder_export.load_exported(str(out))
     np.testing.assert_array_equal(p3["b_dec"], np.asarray(params["b_dec"]))
     with pytest.raises(CrossjaxError, match="not a crosscoder export"):
-        cc.load_exported(str(tmp_path))
+        crosscoder_export.load_exported(str(tmp_path))

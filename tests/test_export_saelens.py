@@ -9,7 +9,7 @@ import torch
 from sae_lens import SAE
 
 from _trainer_util import tiny_config
-from crossjax import crosscoder, export_saelens, pipeline
+from crossjax import crosscoder, crosscoder_export, export_saelens, pipeline
 from crossjax import store as store_lib
 from crossjax.crosscoder_config import CrosscoderConfig
 from crossjax.errors import CrossjaxError
@@ -30,7 +30,7 @@ def test_sae_lens_loads_the_slice_and_computes_what_crossjax_computes(run, tmp_p
     store = store_lib.ActivationStore.open(run.store)
     x = store.read_rows(*store.block_range(store.meta.num_blocks - 1))[:, 2].astype(np.float32)    # raw [N, D]
     # crossjax's single-snapshot computation: the S=1 slice of the crosscoder on normalised rows of snapshot 2
-    params, scales, cfg = crosscoder.load_exported(run.export)
+    params, scales, cfg = crosscoder_export.load_exported(run.export)
     one = CrosscoderConfig(**{**cfg.to_dict(), "num_snapshots": 1})
     p1 = {k: jnp.asarray(v[2:3] if k in ("W_enc", "W_dec", "b_dec") else v) for k, v in params.items()}
     ref = crosscoder.forward(p1, crosscoder.normalize(jnp.asarray(x[:, None]), scales[2:3]), one)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossjax import configs, crosscoder, layer_sweep
+from crossjax import configs, crosscoder_export, layer_sweep
 from crossjax import store as store_lib
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
@@ -45,7 +45,7 @@ def test_each_layer_is_a_run_at_its_hook(swept):
         first.append(store.read_rows(0, 64))
         # the row's figures are those of the layer's own run and export
         assert row["kinds"] == summary.evolution["kinds"] and row["heldout_ev"] == summary.heldout["ev_mean"]
-        params, scales, _ = crosscoder.load_exported(summary.export)
+        params, scales, _ = crosscoder_export.load_exported(summary.export)
         raw = evolution.classify_kinds(evolution.raw_unit_norms(evolution.decoder_norms(params["W_dec"]), scales))
         assert row["raw_units"]["kinds_raw"] == {k: int(np.sum(raw == k)) for k in evolution.KINDS}
         assert sum(row["kinds"].values()) == summary.num_features

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import console, crosscoder, paths
+from crossjax import console, crosscoder, crosscoder_export, paths
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import activation_histograms, evolution, exact_sum, index_merge, index_pass
 from crossjax.errors import CrossjaxError
@@ -132,11 +132,11 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, TrainedOn | None]:
     # a workdir also holds a config.json (the training config), so look for export/ first
     if (p / "export").is_dir():
         export, summary_file = p / "export", p / SUMMARY_FILE
-    elif (p / crosscoder.EXPORT_CONFIG).is_file() and (p / crosscoder.EXPORT_WEIGHTS).is_file():
+    elif (p / crosscoder_export.EXPORT_CONFIG).is_file() and (p / crosscoder_export.EXPORT_WEIGHTS).is_file():
         export, summary_file = p, p.parent / SUMMARY_FILE
     else:
-        raise CrossjaxError(f"{p} is neither a crosscoder export ({crosscoder.EXPORT_CONFIG} + "
-                            f"{crosscoder.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
+        raise CrossjaxError(f"{p} is neither a crosscoder export ({crosscoder_export.EXPORT_CONFIG} + "
+                            f"{crosscoder_export.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
                             "(python -m crossjax.train) or point at the export directory.")
     if not summary_file.is_file():
         return export, None
@@ -314,13 +314,13 @@ def scan(export_dir_or_workdir: str | os.PathLike, store_url: str | None, *, max
                                 "moved?): pass store_url= its location (the activation store the crosscoder was "
                                 "trained on).")
     store_url = os.fspath(store_url)
-    params_np, scales, cfg = crosscoder.load_exported(str(export))
+    params_np, scales, cfg = crosscoder_export.load_exported(str(export))
     store = open_store(store_url, trained_on, rows=max_rows, progress=progress)
     columns = _trained_columns(cfg, export, store, trained_on.snapshots if trained_on else None)
 
     n = store.meta.num_rows if max_rows is None else min(int(max_rows), store.meta.num_rows)
     f = cfg.num_features
-    export_sha256 = file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+    export_sha256 = file_sha256(export / crosscoder_export.EXPORT_WEIGHTS)
     store_meta_sha256 = hashlib.sha256(store.meta.to_json()).hexdigest()
     several = index_merge.distributed()
     if several:

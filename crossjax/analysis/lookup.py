@@ -29,7 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from crossjax import crosscoder, paths
+from crossjax import crosscoder_export, paths
 from crossjax.analysis import activation_histograms, evolution, index_build, index_files, index_pass
 from crossjax.analysis.index_files import INDEX_ARRAYS, INDEX_META, is_url, path_arg
 from crossjax.analysis.index_results import Example, FeatureReport, Histogram
@@ -50,14 +50,15 @@ def _export_and_sha256(export_dir) -> tuple[str, str]:
     """(the export directory, resolved, or a gs:// prefix; the hash of its weights) of an export or a workdir."""
     if not is_url(export_dir):
         export, _ = index_build.resolve_export(export_dir)
-        return str(export.resolve()), index_build.file_sha256(export / crosscoder.EXPORT_WEIGHTS)
+        return str(export.resolve()), index_build.file_sha256(export / crosscoder_export.EXPORT_WEIGHTS)
     where = paths.absolute(export_dir)
     if paths.isdir(paths.join(where, "export")):   # a workdir, as resolve_export takes it
         where = paths.join(where, "export")
-    weights = paths.join(where, crosscoder.EXPORT_WEIGHTS)
+    weights = paths.join(where, crosscoder_export.EXPORT_WEIGHTS)
     if not paths.isfile(weights):
-        raise CrossjaxError(f"{where} is neither a crosscoder export ({crosscoder.EXPORT_WEIGHTS}) nor a workdir "
-                            "with export/: finish training first (python -m crossjax.train) or point at the export.")
+        raise CrossjaxError(f"{where} is neither a crosscoder export ({crosscoder_export.EXPORT_WEIGHTS}) nor a "
+                            "workdir with export/: finish training first (python -m crossjax.train) or point at the "
+                            "export.")
     return where, index_build.file_sha256(weights)
 
 
@@ -171,11 +172,11 @@ class FeatureIndex:
     def _get_export(self):
         if self._export is None:
             export = self.info["export_dir"]
-            if not paths.isfile(paths.join(export, crosscoder.EXPORT_WEIGHTS)):
+            if not paths.isfile(paths.join(export, crosscoder_export.EXPORT_WEIGHTS)):
                 raise CrossjaxError(f"the crosscoder export {export} is gone: call index.attach(export_dir=...) with "
                                     "its new location.")
             self.attach(export_dir=export)
-            params, scales, cfg = crosscoder.load_exported(export)
+            params, scales, cfg = crosscoder_export.load_exported(export)
             self._export = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(scales), cfg)
         return self._export
 

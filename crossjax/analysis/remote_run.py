@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 
-from crossjax import crosscoder, paths
+from crossjax import crosscoder_export, paths
 from crossjax.errors import CrossjaxError
 from crossjax.summary import SUMMARY_FILE
 from crossjax.workdir import CONFIG_FILE
@@ -32,10 +32,10 @@ def places(url: str) -> tuple[str, str]:
     url = paths.absolute(url)
     if paths.isdir(paths.join(url, EXPORT)):
         return url, paths.join(url, EXPORT)
-    if paths.isfile(paths.join(url, crosscoder.EXPORT_WEIGHTS)):
+    if paths.isfile(paths.join(url, crosscoder_export.EXPORT_WEIGHTS)):
         return url.rsplit("/", 1)[0], url
-    raise CrossjaxError(f"{url} is neither a crosscoder export ({crosscoder.EXPORT_CONFIG} + "
-                        f"{crosscoder.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
+    raise CrossjaxError(f"{url} is neither a crosscoder export ({crosscoder_export.EXPORT_CONFIG} + "
+                        f"{crosscoder_export.EXPORT_WEIGHTS}) nor a workdir with export/: finish training first "
                         "(python -m crossjax.train) or point at the export directory.")
 
 

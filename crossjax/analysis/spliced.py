@@ -1,6 +1,6 @@
 """Spliced-in loss: the LM's next-token loss when the hook's activation is replaced by the crosscoder's reconstruction.
 
-    from crossjax.crosscoder import load_exported
+    from crossjax.crosscoder_export import load_exported
     out = spliced_loss(["snap/step1000", "snap/step143000"], load_exported("runs/x/export"),
                        "blocks.6.hook_resid_post", contexts)      # tokens.Contexts, or (input_ids, valid)
     out["step1000"]  # {clean_loss, spliced_loss, zero_ablated_loss, loss_recovered, delta_loss, pairs}
@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from crossjax import console
-from crossjax import crosscoder as cc
+from crossjax import crosscoder as cc, crosscoder_export
 from crossjax.errors import CrossjaxError
 from crossjax.models.gpt_neox import lm_loss, parse_hook
 from crossjax.models.load import LoadedSnapshot, load_snapshot
@@ -139,11 +139,11 @@ def _reconstructor(crosscoder: Any, reconstruct: Reconstruct | None, scales: Any
     """(x_normalised [n,S,D] -> xhat_normalised, scales [S], d_model or None)."""
     d_model = None
     if crosscoder is not None:
-        params, cc_scales, cfg = cc.load_exported(os.fspath(crosscoder)) if isinstance(
+        params, cc_scales, cfg = crosscoder_export.load_exported(os.fspath(crosscoder)) if isinstance(
             crosscoder, (str, os.PathLike)) else crosscoder
         if not isinstance(cfg, cc.CrosscoderConfig):
             raise CrossjaxError("crosscoder must be an export directory or (params, scales, CrosscoderConfig) as "
-                                "returned by crosscoder.load_exported.")
+                                "returned by crosscoder_export.load_exported.")
         if cfg.num_snapshots != num_snapshots:
             raise CrossjaxError(f"the crosscoder covers {cfg.num_snapshots} snapshots but {num_snapshots} were given: "
                                 "pass exactly the snapshots it was trained on, in its order.")
@@ -173,7 +173,7 @@ def spliced_loss(snapshots: Sequence[LoadedSnapshot | str] | Mapping[str, Loaded
     """Clean, spliced-in and zero-ablated next-token loss per snapshot (see the module docstring).
 
     snapshots: the crosscoder's S snapshots in its order: LoadedSnapshots or directories (or a mapping name -> one).
-    crosscoder: an export directory or (params, scales [S], CrosscoderConfig) as from crosscoder.load_exported;
+    crosscoder: an export directory or (params, scales [S], CrosscoderConfig) as from crosscoder_export.load_exported;
       None when `reconstruct` is given.
     hook: the crosscoder's hook (blocks.{i}.hook_resid_post, hook_resid_pre, hook_attn_out or hook_mlp_out).
     contexts: tokens.Contexts or (input_ids [C,T], valid [C,T] bool); valid positions are spliced.

@@ -131,12 +131,12 @@ def write_results(workdir: str, task: tasks_lib.TokenizedTask, hook: str, result
     """Write analyze()'s results as <workdir>/attribution/<task>.json (figures and curves, and the hash of the
     export's weights they come from) and .npz (scores [S',F] and per-position scores [S',T,F] per method, S' the
     analyzed snapshots); return the JSON's content with "files" added."""
-    from crossjax import crosscoder
+    from crossjax import crosscoder_export
     from crossjax.analysis.index_build import file_sha256
     from crossjax.files import atomic_write, atomic_write_text
 
     out = {"task": task.name, "pairs": task.num_pairs, "skipped": list(task.skipped), "hook": hook,
-           "workdir": workdir, "export_sha256": file_sha256(Path(export) / crosscoder.EXPORT_WEIGHTS),
+           "workdir": workdir, "export_sha256": file_sha256(Path(export) / crosscoder_export.EXPORT_WEIGHTS),
            "ig_steps": ig_steps, "draws": draws, "seed": seed,
            "snapshots": {n: {**r["attribution"].summary(), "curves": r["curves"]} for n, r in results.items()}}
     base = os.path.join(workdir, OUT_DIR, task.name)

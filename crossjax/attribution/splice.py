@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crossjax import crosscoder as cc_lib
+from crossjax import crosscoder as cc_lib, crosscoder_export
 from crossjax.errors import CrossjaxError
 from crossjax.models.gpt_neox import parse_hook
 from crossjax.models.load import LoadedSnapshot, load_snapshot
@@ -117,15 +117,15 @@ class Crosscoder:
 
     @classmethod
     def of(cls, crosscoder: Any) -> Crosscoder:
-        """From an export directory or (params, scales, CrosscoderConfig) as crosscoder.load_exported returns."""
+        """From an export directory or (params, scales, CrosscoderConfig) as crosscoder_export.load_exported returns."""
         if isinstance(crosscoder, Crosscoder):
             return crosscoder
         if isinstance(crosscoder, (str, os.PathLike)):
-            crosscoder = cc_lib.load_exported(crosscoder)
+            crosscoder = crosscoder_export.load_exported(crosscoder)
         params, scales, cfg = crosscoder
         if not isinstance(cfg, cc_lib.CrosscoderConfig):
             raise CrossjaxError("crosscoder must be an export directory or (params, scales, CrosscoderConfig) as "
-                                "returned by crosscoder.load_exported.")
+                                "returned by crosscoder_export.load_exported.")
         return cls({k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
                    np.asarray(scales, np.float32).reshape(-1), cfg)
 

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from crossjax import crosscoder, paths
+from crossjax import crosscoder_export, paths
 
 ATTRIBUTION_DIR = "attribution"
 COMPLEXITY_GLOB = "complexity_*.json"
@@ -60,7 +60,7 @@ def _rerun_task(workdir: str, task: str) -> str:
 def export_sha256(export_dir: str) -> str:
     """The hash of the exported weights, recorded by the analyses so that a reader can tell their run's."""
     from crossjax.analysis.index_build import file_sha256
-    return file_sha256(paths.join(export_dir, crosscoder.EXPORT_WEIGHTS))
+    return file_sha256(paths.join(export_dir, crosscoder_export.EXPORT_WEIGHTS))
 
 
 def _found(directory: str, pattern: str) -> list[str]:

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from crossjax import crosscoder, paths
+from crossjax import crosscoder_export, paths
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import evolution, trajectories
 from crossjax.errors import CrossjaxError
@@ -70,7 +70,7 @@ def load(workdir: str) -> RunData:
     workdir = paths.absolute(paths.check_supported(os.fspath(workdir), "--workdir"))
     summary = RunSummary.read(workdir)
     export_dir = _export_dir(workdir, summary)
-    params, _, cfg = crosscoder.load_exported(export_dir)
+    params, _, cfg = crosscoder_export.load_exported(export_dir)
     if cfg.num_snapshots != len(summary.snapshots):
         raise CrossjaxError(f"{export_dir} holds a crosscoder over {cfg.num_snapshots} snapshots but "
                             f"{workdir}/summary.json names {len(summary.snapshots)} ({summary.snapshots}): they come "
@@ -105,9 +105,9 @@ def _has_model(workdir: str) -> bool:
 def _export_dir(workdir: str, summary: RunSummary) -> str:
     """The workdir's export/ (it moves with the workdir), else the directory summary.json recorded."""
     local = paths.join(workdir, "export")
-    if paths.isfile(paths.join(local, crosscoder.EXPORT_WEIGHTS)):
+    if paths.isfile(paths.join(local, crosscoder_export.EXPORT_WEIGHTS)):
         return local
-    if summary.export and paths.isfile(paths.join(summary.export, crosscoder.EXPORT_WEIGHTS)):
+    if summary.export and paths.isfile(paths.join(summary.export, crosscoder_export.EXPORT_WEIGHTS)):
         return summary.export
     raise CrossjaxError(f"no exported crosscoder in {local} (nor at {summary.export}, where summary.json says it "
                         "was written): rerun the training command with the same --config and --workdir (a finished "

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from crossjax import crosscoder
+from crossjax import crosscoder, crosscoder_export
 from crossjax.array_store import store_from_arrays
 from crossjax.summary import RunSummary
 
@@ -27,7 +27,7 @@ def make_run(root, store, activation: str, seed: int = 0):
     params = {k: rng.normal(size=shape).astype(np.float32) * 0.5 for k, shape in crosscoder.param_shapes(cfg).items()}
     params["W_dec"] *= rng.uniform(0.2, 1.5, size=(S, F, 1)).astype(np.float32)  # gates differ per snapshot
     params["log_threshold"] = np.log(rng.uniform(0.3, 1.2, size=F)).astype(np.float32)
-    crosscoder.export_params(params, np.ones(S, np.float32), cfg, str(root / "export"))
+    crosscoder_export.export_params(params, np.ones(S, np.float32), cfg, str(root / "export"))
     (root / "config.json").write_text(json.dumps({"crosscoder": {"num_features": F}}))
     RunSummary(workdir=str(root), store=store.url, steps=1, tokens=1, snapshots=list(store.meta.snapshots),
                num_features=F, init_norm=1.0, scales=[1.0] * S, export=str(root / "export"), evolution={},

@@ -1,4 +1,4 @@
-"""crosscoder.load_exported (the analyses' entry point to trained weights) on malformed or damaged exports.
+"""crosscoder_export.load_exported (the analyses' entry point to trained weights) on malformed or damaged exports.
 
 Every fault is injected into an export written by export_params; each must be a CrossjaxError naming the file and
 how to export again, never a raw AttributeError/TypeError/KeyError/SafetensorError.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from crossjax import crosscoder
+from crossjax import crosscoder, crosscoder_export
 from crossjax.errors import CrossjaxError
 
 CFG = crosscoder.CrosscoderConfig(num_snapshots=2, d_model=3, num_features=4, activation="relu")
@@ -23,7 +23,7 @@ def export(tmp_path_factory):
     rng = np.random.default_rng(1)
     params = {k: rng.normal(size=shape).astype(np.float32) for k, shape in crosscoder.param_shapes(CFG).items()}
     out = tmp_path_factory.mktemp("export") / "export"
-    crosscoder.export_params(params, np.array([0.5, 2.0]), CFG, str(out))
+    crosscoder_export.export_params(params, np.array([0.5, 2.0]), CFG, str(out))
     return out
 
 
@@ -38,7 +38,7 @@ def edit_config(d, change):
 
 
 def test_the_good_export_loads(export):
-    params, scales, cfg = crosscoder.load_exported(export)  # a Path is accepted too
+    params, scales, cfg = crosscoder_export.load_exported(export)  # a Path is accepted too
     assert cfg == CFG and scales.tolist() == [0.5, 2.0] and params["W_enc"].shape == (2, 3, 4)
 
 
@@ -63,18 +63,18 @@ def test_the_good_export_loads(export):
 def test_a_malformed_config_is_named(copy, change, problem):
     edit_config(copy, change)
     with pytest.raises(CrossjaxError, match=problem) as e:
-        crosscoder.load_exported(copy)
+        crosscoder_export.load_exported(copy)
     assert str(copy / "config.json") in str(e.value) and FIX in str(e.value)
 
 
 def test_config_json_that_is_not_json(copy):
     (copy / "config.json").write_bytes(b'{"format": "crossjax.cross')
     with pytest.raises(CrossjaxError, match="config.json is not valid JSON") as e:
-        crosscoder.load_exported(copy)
+        crosscoder_export.load_exported(copy)
     assert FIX in str(e.value)
     (copy / "config.json").write_bytes(b"\xff\xfe")
     with pytest.raises(CrossjaxError, match="not valid JSON"):
-        crosscoder.load_exported(copy)
+        crosscoder_export.load_exported(copy)
 
 
 @pytest.mark.parametrize("damage,problem", [
@@ -86,7 +86,7 @@ def test_damaged_weights_are_named(copy, damage, problem):
     w = copy / "model.safetensors"
     w.write_bytes(damage(w.read_bytes()))
     with pytest.raises(CrossjaxError, match=problem) as e:
-        crosscoder.load_exported(copy)
+        crosscoder_export.load_exported(copy)
     assert str(w) in str(e.value) and FIX in str(e.value)
 
 
@@ -99,7 +99,7 @@ def test_weights_that_do_not_fit_the_config_are_named(copy):
                              (dict(good, b_dec=good["b_dec"] * np.nan), r"non-finite values in \['b_dec'\]")):
         save_file(tensors, str(w))
         with pytest.raises(CrossjaxError, match=problem) as e:
-            crosscoder.load_exported(copy)
+            crosscoder_export.load_exported(copy)
         assert str(w) in str(e.value) and FIX in str(e.value)
     save_file(good, str(w))
-    assert crosscoder.load_exported(copy)[2] == CFG
+    assert crosscoder_export.load_exported(copy)[2] == CFG

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossjax import configs, crosscoder
+from crossjax import configs, crosscoder, crosscoder_export
 from crossjax import workdir as workdir_lib
 from crossjax.analysis import evolution
 from crossjax.analysis.lookup import FeatureIndex
@@ -33,7 +33,7 @@ SEPARABILITY = {"features": [1, 4], "snapshots": list(NAMES), "auc": [[0.5, 0.6,
 
 def make_run(path, store, evolution_summary, separability=SEPARABILITY):
     params, cfg = crosscoder_params()
-    crosscoder.export_params(params, np.ones(S), cfg, str(path / "export"))
+    crosscoder_export.export_params(params, np.ones(S), cfg, str(path / "export"))
     config = configs.base_config()
     config.train.seed = SEED
     workdir_lib.record(config, str(path))

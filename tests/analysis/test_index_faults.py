@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from crossjax import crosscoder, planted
+from crossjax import crosscoder, crosscoder_export, planted
 from crossjax.analysis.lookup import INDEX_ARRAYS, INDEX_META, FeatureIndex
 from crossjax.errors import CrossjaxError
 from crossjax.summary import RunSummary
@@ -26,7 +26,7 @@ def make_run(root):
     cfg = crosscoder.CrosscoderConfig(num_snapshots=S, d_model=D, num_features=F, activation="relu")
     rng = np.random.default_rng(0)
     params = {k: rng.normal(size=shape).astype(np.float32) * 0.5 for k, shape in crosscoder.param_shapes(cfg).items()}
-    crosscoder.export_params(params, store.estimate_scales(), cfg, str(root / "export"))
+    crosscoder_export.export_params(params, store.estimate_scales(), cfg, str(root / "export"))
     RunSummary(workdir=str(root), store=store.url, steps=1, tokens=1, snapshots=list(store.meta.snapshots),
                num_features=F, init_norm=1.0, scales=[1.0] * S, export=str(root / "export"), evolution={},
                evals={}).write(str(root))
@@ -193,9 +193,9 @@ def test_query_arguments_are_checked(saved):
 
 
 def test_activations_that_overflow_float32_are_named(run, tmp_path):
-    params, scales, cfg = crosscoder.load_exported(str(run / "export"))
+    params, scales, cfg = crosscoder_export.load_exported(str(run / "export"))
     params = dict(params, W_enc=np.asarray(params["W_enc"]) * np.float32(1e37))  # finite weights, infinite sums
-    crosscoder.export_params(params, scales, cfg, str(tmp_path / "export"))
+    crosscoder_export.export_params(params, scales, cfg, str(tmp_path / "export"))
     with pytest.raises(CrossjaxError, match=r"the activations of features \[.*\] on rows \[0, 100\) overflow "
                        r"float32: .*index it over the store it was trained on"):
         FeatureIndex.build(tmp_path / "export", str(run / "store"), **BUILD)

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from crossjax import crosscoder, planted
+from crossjax import crosscoder, crosscoder_export, planted
 from crossjax.analysis.lookup import INDEX_ARRAYS, INDEX_META, FeatureIndex
 from crossjax.errors import CrossjaxError
 
@@ -23,7 +23,7 @@ def saved(tmp_path_factory):
     rng = np.random.default_rng(0)
     params = {k: rng.normal(size=shape).astype(np.float32) * 0.5 for k, shape in crosscoder.param_shapes(cfg).items()}
     params["log_threshold"] = np.full(F, np.log(0.2), np.float32)
-    crosscoder.export_params(params, store.estimate_scales(), cfg, str(root / "export"))
+    crosscoder_export.export_params(params, store.estimate_scales(), cfg, str(root / "export"))
     index = FeatureIndex.build(root / "export", store.url, top_k=3, batch_rows=100, histogram_bins=4, progress=False)
     return index, index.save(root / "index")
 

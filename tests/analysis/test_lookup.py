@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crossjax import crosscoder, planted
+from crossjax import crosscoder, crosscoder_export, planted
 from crossjax.analysis.lookup import FeatureIndex
 from crossjax.errors import CrossjaxError
 from crossjax.store import ActivationStore, StoreMeta
@@ -41,7 +41,7 @@ def make_workdir(path, params, scales, cfg, store_url, snapshots):
     """A workdir as training leaves it: export/, summary.json naming the store and snapshots, and config.json
     (the training config, which must not be mistaken for the export's)."""
     export = path / "export"
-    crosscoder.export_params(params, scales, cfg, str(export))
+    crosscoder_export.export_params(params, scales, cfg, str(export))
     (path / "config.json").write_text(json.dumps({"crosscoder": {"num_features": F}}))
     RunSummary(workdir=str(path), store=store_url, steps=1, tokens=1, snapshots=list(snapshots),
                num_features=cfg.num_features, init_norm=1.0, scales=[float(v) for v in np.asarray(scales)],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import _activations_fixtures as fx
-from crossjax import activations, crosscoder
+from crossjax import activations, crosscoder, crosscoder_export
 from crossjax import store as store_lib
 from crossjax import workdir as workdir_lib
 from crossjax.analysis.lookup import FeatureIndex
@@ -34,7 +34,7 @@ def make_run(root, work, store_url, config, activation="jumprelu"):
     store = store_lib.ActivationStore.open(store_url)
     params, cfg = random_crosscoder(activation)
     scales = store.estimate_scales()
-    crosscoder.export_params(params, scales, cfg, str(work / "export"))
+    crosscoder_export.export_params(params, scales, cfg, str(work / "export"))
     workdir_lib.record(config, str(work))
     RunSummary(workdir=str(work), store=store.url, steps=1, tokens=1, snapshots=list(store.meta.snapshots),
                num_features=F, init_norm=1.0, scales=scales.tolist(), export=str(work / "export"), evolution={},

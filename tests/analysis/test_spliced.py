@@ -8,6 +8,7 @@ import torch  # noqa: F401  (the reference: CI installs it, a missing torch fail
 import transformers  # noqa: F401
 
 from crossjax import crosscoder  # noqa: E402
+from crossjax import crosscoder_export
 from crossjax.analysis.spliced import spliced_loss  # noqa: E402
 from crossjax.errors import CrossjaxError  # noqa: E402
 from crossjax.models.load import load_snapshot  # noqa: E402
@@ -207,7 +208,7 @@ def test_export_directory_and_contexts_object(snapshots, contexts, tmp_path):
 
     ids, valid, real = contexts
     params, scales, cfg = identity_crosscoder()
-    crosscoder.export_params(params, scales, cfg, str(tmp_path / "export"))
+    crosscoder_export.export_params(params, scales, cfg, str(tmp_path / "export"))
     dirs = [p for _, p in snapshots]
     a = spliced_loss(dirs, tmp_path / "export", "blocks.0.hook_resid_post",
                      Contexts(input_ids=ids, valid=valid, doc_ids=np.arange(len(ids))), batch_size=2)

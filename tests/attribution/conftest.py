@@ -6,7 +6,7 @@ import pytest
 from _attribution_cases import RUN_HOOK as HOOK
 from _attribution_cases import RUN_SNAPSHOTS as S
 from _attribution_cases import WORDS, crosscoder, snapshots, write_lines
-from crossjax import crosscoder as cc
+from crossjax import crosscoder_export
 from crossjax import tokens
 from crossjax.models import save_hf_snapshot
 from crossjax.summary import RunSummary
@@ -36,7 +36,7 @@ def finished_run(tmp_path, word_tokenizer):
         names.append(name)
     workdir = tmp_path / "run"
     params, scales, cfg = crosscoder(S)
-    cc.export_params(params, scales, cfg, str(workdir / "export"))
+    crosscoder_export.export_params(params, scales, cfg, str(workdir / "export"))
     model = {"snapshots": names, "path_template": str(tmp_path / "snaps" / "{snapshot}"), "repo": "", "hook": HOOK,
              "cache_dir": ""}
     (workdir / "config.json").write_text(json.dumps({"model": model}))

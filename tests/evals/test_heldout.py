@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from _trainer_util import mesh_overrides, tiny_config
-from crossjax import crosscoder, metrics, pipeline
+from crossjax import crosscoder, crosscoder_export, metrics, pipeline
 from crossjax import store as store_lib
 
 
@@ -21,7 +21,7 @@ def test_heldout_figures_cover_every_row_and_match_one_batch(tmp_path_factory, e
     store = store_lib.ActivationStore.open(str(store_path))
     lo, hi = store.block_range(store.meta.num_blocks - 2)[0], store.meta.num_rows
     assert got["rows"] == hi - lo == 1024                  # 1024 rows: 296 and 64 leave a remainder, 512 none
-    params, scales, cfg = crosscoder.load_exported(out.export)
+    params, scales, cfg = crosscoder_export.load_exported(out.export)
     x = crosscoder.normalize(jnp.asarray(store.read_rows(lo, hi), jnp.float32), scales)
     ref = crosscoder.forward({k: jnp.asarray(v) for k, v in params.items()}, x, cfg)
     np.testing.assert_allclose(got["ev"], metrics.explained_variance(x, ref["xhat"]), rtol=1e-5, atol=1e-6)

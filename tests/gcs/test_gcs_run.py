@@ -12,7 +12,7 @@ import pytest
 from _gcs_util import objects_under, wait_for
 from _procs import child_env, reaped, sigkill
 from _trainer_util import ROOT, exported, tiny_config
-from crossjax import crosscoder, paths, pipeline
+from crossjax import crosscoder_export, paths, pipeline
 from crossjax.pipeline import Stopped
 from crossjax.summary import RunSummary
 
@@ -33,7 +33,7 @@ def local_run(gcs_store, tmp_path_factory):
 
 
 def _gcs_weights(workdir):
-    params, _, _ = crosscoder.load_exported(workdir + "/export")
+    params, _, _ = crosscoder_export.load_exported(workdir + "/export")
     return params
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _procs import child_env
-from crossjax import crosscoder, train
+from crossjax import crosscoder, crosscoder_export, train
 from crossjax.analysis import evolution
 from crossjax.errors import CrossjaxError
 from crossjax.report import write_report
@@ -60,7 +60,7 @@ def test_report_files_figures_and_table_agree_with_the_run(copy_run):
 
     from crossjax.summary import RunSummary
     summary = RunSummary.read(copy_run)
-    params, _, _ = crosscoder.load_exported(os.path.join(copy_run, "export"))
+    params, _, _ = crosscoder_export.load_exported(os.path.join(copy_run, "export"))
     norms = evolution.decoder_norms(params["W_dec"])
     meta = read_data(report, "meta")
     assert meta["num_features"] == summary.num_features == len(all_rows(report))
@@ -90,7 +90,7 @@ def test_contexts_per_snapshot_equal_a_brute_force_pass(copy_run, finished_run):
 
     from crossjax.store import ActivationStore
     export = os.path.join(copy_run, "export")
-    params, scales, cfg = crosscoder.load_exported(export)
+    params, scales, cfg = crosscoder_export.load_exported(export)
     store = ActivationStore.open(finished_run[1])
     x = store.read_rows(0, store.num_rows)
     h = np.asarray(crosscoder.encode({k: jnp.asarray(v) for k, v in params.items()},
@@ -103,7 +103,7 @@ def test_contexts_per_snapshot_equal_a_brute_force_pass(copy_run, finished_run):
             top = np.sort(h[:, f])[::-1]
             w = params["W_dec"][s, f]
             params["W_dec"][s, f] = w / np.linalg.norm(w) * theta[f] / ((top[keep - 1] + top[keep]) / 2)
-    crosscoder.export_params(params, scales, cfg, export)
+    crosscoder_export.export_params(params, scales, cfg, export)
     report = os.path.dirname(write_report(copy_run, contexts_per_snapshot=6, progress=False))
     p = {k: jnp.asarray(v) for k, v in params.items()}
     acts = np.asarray(crosscoder.activate(p, crosscoder.encode(p, crosscoder.normalize(x, scales)), cfg))  # [N,S,F]
@@ -218,7 +218,7 @@ def test_missing_summary_is_an_error_naming_the_fix(tmp_path):
 def test_damaged_export_is_an_error_and_the_previous_report_stays(copy_run):
     index = write_report(copy_run, contexts=False, progress=False)
     before = open(index, encoding="utf-8").read()
-    weights = os.path.join(copy_run, "export", crosscoder.EXPORT_WEIGHTS)
+    weights = os.path.join(copy_run, "export", crosscoder_export.EXPORT_WEIGHTS)
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     with pytest.raises(CrossjaxError, match="export it again"):

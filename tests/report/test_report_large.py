@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from _report_browser import console_errors, open_index, renders, table_rows, wait_for_table
-from crossjax import crosscoder
+from crossjax import crosscoder_export
 from crossjax.analysis import evolution
 from crossjax.crosscoder_config import CrosscoderConfig
 from crossjax.report import write_report
@@ -35,7 +35,7 @@ def synthetic_run(workdir: str, seed: int = 0) -> np.ndarray:
               "W_dec": w_dec.astype(np.float32), "b_dec": np.zeros((s, D), np.float32),
               "log_threshold": np.full(F, np.log(0.1), np.float32)}
     export = os.path.join(workdir, "export")
-    crosscoder.export_params(params, np.ones(s), cfg, export)
+    crosscoder_export.export_params(params, np.ones(s), cfg, export)
     sampled = sorted(rng.choice(np.arange(100, F), 20, replace=False).tolist())
     auc = [np.clip(0.5 + 0.4 * strength[:, f] + rng.normal(0, 0.02, s), 0, 1).round(4).tolist() for f in sampled]
     separability = {"features": sampled, "snapshots": NAMES, "rows": 4096, "auc": auc,
