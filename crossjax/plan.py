@@ -8,13 +8,13 @@ It builds the run's abstract training state (shapes only; the store's shape come
 count, data.d_model or planted.d_model, the store dtype), lowers and compiles the real training step
 (crossjax/trainer.py) for a mesh of --devices simulated CPU devices, and prints per device: parameters, optimizer
 state, batch, XLA temporaries, for an on-the-fly run the snapshot models resident beside the step (from their
-config.json alone, spread over the devices of one of --hosts hosts), and the total, and whether that fits one device
-of --accelerator with --headroom to spare. A TPU slice name gives the device count (v5p-32 is 32 TensorCores: 16 chips, 16 JAX devices), as does
-8xh100. When the plan does not fit, the exit code is 2 and the message names the smallest change that fits,
-found by compiling candidates: first another mesh on the same devices (the least feature/snapshot split), else a
-smaller train.batch_size, or more devices. Temporaries are as XLA:CPU lays them out; a TPU or GPU compiler
-fuses differently, so the trainer prints the same plan compiled for the real devices before it starts, and
-refuses a step that does not fit them.
+config.json alone, spread over the devices of one of --hosts hosts), and the total, and whether that fits one
+device of --accelerator with --headroom to spare. A TPU slice name gives the device count (v5p-32 is 32
+TensorCores: 16 chips, 16 JAX devices), as does 8xh100. When the plan does not fit, the exit code is 2 and the
+message names the smallest change that fits, found by compiling candidates: first another mesh on the same
+devices (the least feature/snapshot split), else a smaller train.batch_size, or more devices. Temporaries are as
+XLA:CPU lays them out; a TPU or GPU compiler fuses differently, so the trainer prints the same plan compiled for
+the real devices before it starts, and refuses a step that does not fit them.
 """
 from __future__ import annotations
 

@@ -182,8 +182,8 @@ def test_pythia160m_fits_pythia_and_builds_the_papers_abstract_state():
     gpt_neox.validate_context_len(pythia, c.tokens.context_len)
     assert c.data.d_model == pythia.hidden_size
     steps = math.ceil(c.train.num_tokens / c.train.batch_size)
-    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=config_checks.num_snapshots(c), d_model=c.data.d_model,
-                                                 total_steps=steps)
+    cc, tx, state = trainer.abstract_train_state(c, num_snapshots=config_checks.num_snapshots(c),
+                                                 d_model=c.data.d_model, total_steps=steps)
     p = state["params"]
     # the paper's crosscoder: 32 snapshots, d_model 768, F = 24,576 (expansion 32)
     assert p["W_enc"].shape == (32, 768, 24576) and p["W_dec"].shape == (32, 24576, 768)

@@ -175,8 +175,10 @@ def torch_sublayer_output(model, ids, real, layer, sublayer):
     return seen["out"]
 
 
-@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
-@pytest.mark.parametrize("sublayer", ["attention", "mlp"])
+# the sequential residual for the attention output (its MLP then reads the replacement), the parallel for the MLP;
+# every hook kind in both residual forms is checked against PyTorch in tests/models/test_gpt_neox.py
+@pytest.mark.parametrize("sublayer,parallel", [("attention", False), ("mlp", True)],
+                         ids=["attention-sequential", "mlp-parallel"])
 def test_attention_and_mlp_output_hooks_replace_only_that_sublayer(tmp_path, contexts, parallel, sublayer):
     """At hook_attn_out / hook_mlp_out the splice replaces the sublayer's output and keeps the residual that
     bypasses it: the reference is PyTorch with that module's output replaced by a forward hook."""
